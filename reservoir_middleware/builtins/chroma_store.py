@@ -1,0 +1,254 @@
+"""The built-in store: one Chroma collection per scope.
+
+A collection per (partition, instance) keeps searches unfiltered and fast at
+any size, makes isolation structural and deleting a scope one call. Chroma
+names allow only `[a-zA-Z0-9._-]`, so the name is a hash of the scope and the
+real names sit in the collection metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from chromadb.errors import NotFoundError
+
+from ..hookspecs import hookimpl
+from ..records import MessageRecord, Scope
+from ..store import EmbeddingMismatch
+
+COLLECTION_PREFIX = "rsv-"
+_RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
+
+
+def collection_name(scope: Scope) -> str:
+    return COLLECTION_PREFIX + hashlib.sha256(scope.key.encode("utf-8", "surrogatepass")).hexdigest()[:48]
+
+
+def _metadata(record: MessageRecord) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, value in record.to_dict().items():
+        if key in ("id", "text") or value is None:
+            continue
+        meta[key] = json.dumps(value, ensure_ascii=False) if key == "tool_calls" else value
+    return meta
+
+
+def _record(id_: str, text: str | None, meta: dict[str, Any] | None) -> MessageRecord:
+    data = {k: v for k, v in (meta or {}).items() if k in _RECORD_FIELDS}
+    if isinstance(data.get("tool_calls"), str):
+        data["tool_calls"] = json.loads(data["tool_calls"])
+    data.setdefault("partition", "")
+    data.setdefault("instance", "")
+    data.setdefault("role", "user")
+    return MessageRecord(id=id_, text=text or "", **data)
+
+
+def _records(result: Any) -> list[MessageRecord]:
+    docs = result.get("documents") or [None] * len(result["ids"])
+    metas = result.get("metadatas") or [None] * len(result["ids"])
+    out = [_record(i, d, m) for i, d, m in zip(result["ids"], docs, metas, strict=True)]
+    return sorted(out, key=lambda r: r.seq)
+
+
+def make_client(data_dir: Path, chroma_url: str | None) -> Any:
+    """An embedded PersistentClient, or an HttpClient when a server URL is set."""
+    import chromadb
+    from chromadb.config import Settings
+
+    settings = Settings(anonymized_telemetry=False, allow_reset=False)
+    if chroma_url:
+        url = urlsplit(chroma_url if "://" in chroma_url else f"http://{chroma_url}")
+        return chromadb.HttpClient(
+            host=url.hostname or "127.0.0.1",
+            port=url.port or (443 if url.scheme == "https" else 8000),
+            ssl=url.scheme == "https",
+            settings=settings,
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(data_dir), settings=settings)
+
+
+class ChromaStore:
+    """Chroma-backed memory: the `reservoir_store`/`reservoir_delete` plugin and
+    the read API (`MemoryStore`) the retrieval plugins use."""
+
+    name = "chroma-store"
+
+    def __init__(self, data_dir: Path, chroma_url: str | None, embedding_model: str) -> None:
+        self.data_dir = data_dir
+        self.chroma_url = chroma_url
+        self.embedding_model = embedding_model
+        self._client: Any = None
+        self._collections: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # -- collections ---------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = make_client(self.data_dir, self.chroma_url)
+            return self._client
+
+    def collection(self, scope: Scope, *, create: bool = False) -> Any | None:
+        name = collection_name(scope)
+        cached = self._collections.get(name)
+        if cached is not None:
+            return cached
+        if create:
+            col = self.client.get_or_create_collection(
+                name,
+                metadata={
+                    "partition": scope.partition,
+                    "instance": scope.instance,
+                    "embedding_model": self.embedding_model,
+                    "created": time.time(),
+                    "hnsw:space": "cosine",
+                },
+                embedding_function=None,
+            )
+        else:
+            try:
+                col = self.client.get_collection(name, embedding_function=None)
+            except NotFoundError:
+                return None
+        stored_model = (col.metadata or {}).get("embedding_model")
+        if stored_model and stored_model != self.embedding_model:
+            raise EmbeddingMismatch(
+                f"memory of scope {scope} was embedded with {stored_model!r} but the configured "
+                f"embedding is {self.embedding_model!r}; re-embed it with "
+                f"`reservoir replay --embedding {self.embedding_model}` or set "
+                f"RSV_EMBEDDING={stored_model}"
+            )
+        self._collections[name] = col
+        return col
+
+    # -- plugin hooks ----------------------------------------------------------
+
+    @hookimpl
+    def reservoir_store(
+        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+    ) -> None:
+        if not records:
+            return
+        col = self.collection(scope, create=True)
+        col.upsert(
+            ids=[r.id for r in records],
+            embeddings=embeddings,
+            documents=[r.text for r in records],
+            metadatas=[_metadata(r) for r in records],
+        )
+
+    @hookimpl
+    def reservoir_delete(self, scope: Scope) -> None:
+        name = collection_name(scope)
+        self._collections.pop(name, None)
+        try:
+            self.client.delete_collection(name)
+        except NotFoundError:
+            pass
+
+    # -- reads -----------------------------------------------------------------
+
+    def query(
+        self, scope: Scope, embedding: Sequence[float], limit: int
+    ) -> list[tuple[MessageRecord, float]]:
+        col = self.collection(scope)
+        if col is None or limit <= 0:
+            return []
+        result = col.query(
+            query_embeddings=[list(embedding)],
+            n_results=limit,
+            include=["documents", "metadatas", "distances"],
+        )
+        ids = result["ids"][0]
+        return [
+            (_record(i, d, m), 1.0 - float(dist))
+            for i, d, m, dist in zip(
+                ids, result["documents"][0], result["metadatas"][0], result["distances"][0],
+                strict=True,
+            )
+        ]
+
+    def recent(self, scope: Scope, limit: int) -> list[MessageRecord]:
+        col = self.collection(scope)
+        if col is None or limit <= 0:
+            return []
+        total = col.count()
+        result = col.get(
+            where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"]
+        )
+        return _records(result)[-limit:]
+
+    def get(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
+        col = self.collection(scope)
+        if col is None or not ids:
+            return []
+        return _records(col.get(ids=list(ids), include=["documents", "metadatas"]))
+
+    def existing_ids(self, scope: Scope, ids: Sequence[str]) -> set[str]:
+        col = self.collection(scope)
+        if col is None or not ids:
+            return set()
+        return set(col.get(ids=list(ids), include=[])["ids"])
+
+    def by_seq(self, scope: Scope, seqs: Sequence[int]) -> list[MessageRecord]:
+        col = self.collection(scope)
+        wanted = sorted({int(s) for s in seqs if s >= 0})
+        if col is None or not wanted:
+            return []
+        where = {"seq": wanted[0]} if len(wanted) == 1 else {"seq": {"$in": wanted}}
+        return _records(col.get(where=where, include=["documents", "metadatas"]))
+
+    def keyword(self, scope: Scope, terms: Sequence[str], limit: int) -> list[MessageRecord]:
+        col = self.collection(scope)
+        terms = [t for t in terms if t]
+        if col is None or not terms:
+            return []
+        clauses: list[dict[str, Any]] = [{"$contains": t} for t in terms]
+        where_document = clauses[0] if len(clauses) == 1 else {"$or": clauses}
+        result = col.get(where_document=where_document, limit=limit,
+                         include=["documents", "metadatas"])
+        return _records(result)
+
+    def tail(self, scope: Scope) -> tuple[int, MessageRecord | None, list[float] | None]:
+        """The next sequence number and the last message with its embedding."""
+        col = self.collection(scope)
+        if col is None:
+            return 0, None, None
+        total = col.count()
+        if total == 0:
+            return 0, None, None
+        result = col.get(
+            where={"seq": {"$gte": total - 1}}, include=["documents", "metadatas", "embeddings"]
+        )
+        if not result["ids"]:
+            return total, None, None
+        records = _records(result)
+        last = records[-1]
+        index = result["ids"].index(last.id)
+        embedding = [float(x) for x in result["embeddings"][index]]
+        return max(total, last.seq + 1), last, embedding
+
+    def scopes(self, partition: str | None = None) -> list[Scope]:
+        out = []
+        for col in self.client.list_collections():
+            meta = col.metadata or {}
+            if not col.name.startswith(COLLECTION_PREFIX) or "partition" not in meta:
+                continue
+            if partition is None or meta["partition"] == partition:
+                out.append(Scope(str(meta["partition"]), str(meta.get("instance", ""))))
+        return sorted(out, key=lambda s: (s.partition, s.instance))
+
+    def count(self, scope: Scope) -> int:
+        col = self.collection(scope)
+        return 0 if col is None else int(col.count())

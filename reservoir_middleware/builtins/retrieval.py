@@ -1,0 +1,56 @@
+"""The built-in retrieval plugins: semantic search and the recent window."""
+
+from __future__ import annotations
+
+import anyio.to_thread
+
+from ..context import Candidate, RetrievalQuery
+from ..hookspecs import hookimpl
+from ..store import MemoryStore
+
+
+class SemanticRetrieval:
+    """Messages of the scope most similar to the last user message.
+
+    Asks for more than `semantic_limit` so that messages already in the
+    request can be removed by the core and the section still fills up.
+    """
+
+    name = "semantic"
+
+    @hookimpl
+    async def reservoir_retrieve(
+        self, query: RetrievalQuery, store: MemoryStore
+    ) -> list[Candidate] | None:
+        if query.embedding is None or query.semantic_limit <= 0:
+            return None
+        want = query.semantic_limit + len(query.request_ids) + query.recent_limit
+        scopes = [query.scope]
+        if query.semantic_scope == "partition":
+            scopes = await anyio.to_thread.run_sync(store.scopes, query.scope.partition) or scopes
+        embedding = query.embedding
+        candidates: list[Candidate] = []
+        for scope in scopes:
+            hits = await anyio.to_thread.run_sync(store.query, scope, embedding, want)
+            candidates.extend(
+                Candidate(record, "semantic", similarity, self.name)
+                for record, similarity in hits
+                if similarity >= query.min_similarity
+            )
+        candidates.sort(key=lambda c: c.score, reverse=True)
+        return candidates
+
+
+class RecentRetrieval:
+    """The last messages of the scope, oldest first."""
+
+    name = "recent"
+
+    @hookimpl
+    async def reservoir_retrieve(
+        self, query: RetrievalQuery, store: MemoryStore
+    ) -> list[Candidate] | None:
+        if query.recent_limit <= 0:
+            return None
+        records = await anyio.to_thread.run_sync(store.recent, query.scope, query.recent_limit)
+        return [Candidate(r, "recent", float(r.seq), self.name) for r in records]

@@ -1,0 +1,136 @@
+"""What retrieval hands to truncation, and what truncation hands back.
+
+These are the values plugins see: a retrieval query, the candidates they
+return, and the context plan (system messages, memory sections, the client's
+own turns) that the truncation hook trims to the token budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .records import MessageRecord, Scope, content_text
+
+Section = Literal["semantic", "recent"]
+
+SEMANTIC_NOTE = (
+    "The following is the result of a semantic search of the most related messages "
+    "by cosine similarity to previous conversations"
+)
+RECENT_NOTE = "The following are the most recent messages in the conversation in chronological order"
+
+
+@dataclass(frozen=True)
+class RetrievalQuery:
+    """One enrichment's question to the retrieval plugins."""
+
+    scope: Scope
+    text: str
+    embedding: list[float] | None
+    request_ids: frozenset[str]
+    semantic_limit: int
+    recent_limit: int
+    min_similarity: float
+    semantic_scope: Literal["instance", "partition"]
+    body: Mapping[str, Any]
+
+
+@dataclass
+class Candidate:
+    """A stored message one retrieval plugin proposes for a section.
+
+    `score` is the plugin's own relevance (cosine similarity for the built-in
+    semantic search; higher is better). The core fuses the semantic candidates
+    of every plugin by rank, so scores need not be comparable across plugins.
+    """
+
+    record: MessageRecord
+    section: Section
+    score: float = 0.0
+    source: str = ""
+
+
+@dataclass
+class MemoryUnit:
+    """Messages injected and dropped together: a hit, its answer, its synapses."""
+
+    records: list[MessageRecord]
+    score: float
+    hit_id: str
+    similarity: float | None = None
+
+
+@dataclass
+class ContextPlan:
+    """The request as it will be sent, in parts, before rendering."""
+
+    system: list[dict[str, Any]]
+    semantic: list[MemoryUnit]
+    recent: list[MessageRecord]
+    conversation: list[dict[str, Any]]
+    merge_system: bool = False
+
+    def render(self) -> list[dict[str, Any]]:
+        """The messages list: system, notes and memory, then the client's turns."""
+        memory: list[tuple[str, list[dict[str, Any]]]] = []
+        semantic = [r for unit in chronological(self.semantic) for r in unit.records]
+        if semantic:
+            memory.append((SEMANTIC_NOTE, [r.to_message() for r in semantic]))
+        if self.recent:
+            memory.append((RECENT_NOTE, [r.to_message() for r in self.recent]))
+        if not self.merge_system:
+            out = list(self.system)
+            for note, messages in memory:
+                out.append({"role": "system", "content": note})
+                out.extend(messages)
+            return out + list(self.conversation)
+        return merged_system(self.system, memory) + list(self.conversation)
+
+
+def chronological(units: list[MemoryUnit]) -> list[MemoryUnit]:
+    return sorted(units, key=lambda u: (u.records[0].timestamp, u.records[0].seq))
+
+
+def merged_system(
+    system: list[dict[str, Any]], memory: list[tuple[str, list[dict[str, Any]]]]
+) -> list[dict[str, Any]]:
+    """One leading system message, for providers that accept only one."""
+    parts = [content_text(m.get("content")) for m in system]
+    for note, messages in memory:
+        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        parts.append(note + ":\n" + "\n".join(lines))
+    parts = [p for p in parts if p]
+    if not parts:
+        return []
+    return [{"role": "system", "content": "\n\n".join(parts)}]
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """The limits one request must respect, and the counter to measure them."""
+
+    model: str | None
+    input_limit: int
+    context_budget: int | None
+    count_message: Callable[[dict[str, Any]], int]
+    count_messages: Callable[[list[dict[str, Any]]], int]
+
+
+@dataclass
+class InjectedMessage:
+    id: str
+    role: str
+    text: str
+    tokens: int
+    similarity: float | None = None
+
+
+@dataclass
+class SectionReport:
+    messages: list[InjectedMessage] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(m.tokens for m in self.messages)

@@ -1,0 +1,504 @@
+"""`Reservoir`: the memory engine the middleware uses, usable without HTTP.
+
+Reads happen on the request path (embedding the query, searching, fetching
+the recent window); writes are queued per scope and run off the path, in
+order, so an answer is always stored after the request that asked for it and
+the next request of the scope waits for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio.to_thread
+
+from .answer import Answer
+from .builtins.chroma_store import ChromaStore
+from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
+from .builtins.truncation import BudgetTruncation
+from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
+from .embeddings import make_embedding_function
+from .plugins import Hooks, PluginFailure, make_plugin_manager
+from .records import MessageRecord, Scope, chained_id, content_text
+from .search import keyword_search
+from .selection import build_units, fuse, neighbour_seqs, recent_window
+from .settings import ReservoirSettings
+from .tokens import ModelLimits, count_message, count_messages
+
+logger = logging.getLogger("reservoir")
+
+STORED_ROLES = ("user", "assistant", "tool")
+
+
+class InvalidChatRequest(ValueError):
+    """The body is not a chat request this engine can enrich."""
+
+
+@dataclass(frozen=True)
+class TooLong:
+    tokens: int
+    limit: int
+
+    @property
+    def message(self) -> str:
+        return (
+            f"Your last message is too long. It contains approximately {self.tokens} tokens, "
+            f"which exceeds the maximum limit of {self.limit}. Please shorten your message."
+        )
+
+
+@dataclass
+class Enrichment:
+    """A rewritten request and what went into it."""
+
+    scope: Scope
+    body: dict[str, Any]
+    trace_id: str
+    semantic: SectionReport = field(default_factory=SectionReport)
+    recent: SectionReport = field(default_factory=SectionReport)
+    too_long: TooLong | None = None
+    failures: list[PluginFailure] = field(default_factory=list)
+    changed: bool = False
+    stored: asyncio.Task[str | None] | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.failures)
+
+
+@dataclass
+class SearchHit:
+    record: MessageRecord
+    score: float
+
+
+class Reservoir:
+    """Stores, searches and injects the memory of every (partition, instance)."""
+
+    def __init__(
+        self, settings: ReservoirSettings | None = None, plugins: Sequence[object] = ()
+    ) -> None:
+        self.settings = settings or ReservoirSettings()
+        s = self.settings
+        self.embedder, self.embedding_model = make_embedding_function(
+            s.embedding, url=s.embedding_url, api_key=s.embedding_api_key
+        )
+        self.store = ChromaStore(s.data_dir, s.chroma_url, self.embedding_model)
+        builtins: list[tuple[str, object]] = [
+            ("chroma-store", self.store),
+            ("semantic", SemanticRetrieval()),
+            ("recent", RecentRetrieval()),
+            ("truncate", BudgetTruncation()),
+        ]
+        self.plugin_manager = make_plugin_manager(
+            builtins, plugins, disabled=s.disable_plugins, load_entry_points=s.load_entry_points
+        )
+        self.hooks = Hooks(self.plugin_manager)
+        self.limits = ModelLimits(
+            s.model_limits,
+            default_window=s.default_context_window,
+            default_output_reserve=s.default_output_reserve,
+        )
+        self._locks: dict[tuple[int, str], asyncio.Lock] = {}
+        self._pending: dict[str, set[asyncio.Task[Any]]] = {}
+        self._tails: dict[str, tuple[int, MessageRecord | None, list[float] | None]] = {}
+
+    # -- public API ------------------------------------------------------------
+
+    async def add(
+        self,
+        partition: str,
+        instance: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        source: str = "import",
+        trace_id: str | None = None,
+        model: str | None = None,
+    ) -> list[str]:
+        """Store messages of one scope now; returns the ids newly written."""
+        scope = Scope(partition, instance)
+        records = self._records(scope, messages, trace_id or uuid.uuid4().hex, model, source)
+        written: list[str] = []
+        await self._write(scope, records, {}, written)
+        return written
+
+    async def enrich(
+        self, partition: str, instance: str, body: Mapping[str, Any], *, store: bool = True
+    ) -> Enrichment:
+        """The request with memory injected and trimmed; stores its new messages."""
+        scope = Scope(partition, instance)
+        new_body, rewrite = await self.hooks.rewrite_request(dict(body), scope)
+        messages = chat_messages(new_body)
+        model = new_body.get("model") if isinstance(new_body.get("model"), str) else None
+        trace_id = uuid.uuid4().hex
+        result = Enrichment(scope, new_body, trace_id, failures=list(rewrite.failures))
+        limit = self.limits.input_limit(model, new_body)
+        last_tokens = await self._count(messages[-1], model)
+        if last_tokens > limit:
+            result.too_long = TooLong(last_tokens, limit)
+            return result
+        records = self._records(scope, messages, trace_id, model, "request")
+        await self.settle(scope)
+        query_text = last_user_text(messages)
+        embedding = await self._embed_one(query_text) if query_text else None
+        plan = await self._plan(scope, new_body, messages, records, query_text, embedding, result)
+        budget = self._budget(model, limit)
+        truncated, outcome = await self.hooks.truncate(plan, budget)
+        result.failures.extend(outcome.failures)
+        plan = truncated or plan
+        rendered, result.semantic, result.recent = await anyio.to_thread.run_sync(
+            _render_and_report, plan, budget
+        )
+        if result.semantic.messages or result.recent.messages or rendered != messages:
+            result.body = {**new_body, "messages": rendered}
+            result.changed = True
+        if store:
+            known = {query_text: embedding} if embedding is not None else {}
+            result.stored = self._schedule(scope, self._write(scope, records, known, []))
+        return result
+
+    def record_answer(
+        self,
+        enrichment: Enrichment,
+        answer: Answer,
+        *,
+        complete: bool = True,
+    ) -> asyncio.Task[Any]:
+        """Queue the assistant's answer for storage after the request's messages."""
+        scope = enrichment.scope
+
+        async def write() -> None:
+            prev_id = await enrichment.stored if enrichment.stored is not None else None
+            model = answer.model or enrichment.body.get("model")
+            record = MessageRecord(
+                id=chained_id(scope, "assistant", answer.content, answer.tool_calls, prev_id),
+                partition=scope.partition,
+                instance=scope.instance,
+                role="assistant",
+                text=answer.content or (answer.refusal or ""),
+                tool_calls=answer.tool_calls or None,
+                trace_id=enrichment.trace_id,
+                model=model if isinstance(model, str) else None,
+                finish_reason=answer.finish_reason,
+                complete=complete,
+                source="response",
+                prev_id=prev_id,
+                choices=answer.choices if answer.choices > 1 else None,
+            )
+            await self._write(scope, [record], {}, [])
+
+        return self._schedule(scope, write())
+
+    async def search(
+        self, partition: str, instance: str, query: str, *, limit: int = 10, semantic: bool = True
+    ) -> list[SearchHit]:
+        """Semantic (cosine) or keyword (BM25-ranked) search in one scope."""
+        scope = Scope(partition, instance)
+        if semantic:
+            vector = await self._embed_one(query)
+            hits = await anyio.to_thread.run_sync(self.store.query, scope, vector, limit)
+            return [SearchHit(r, sim) for r, sim in hits]
+        ranked = await anyio.to_thread.run_sync(keyword_search, self.store, scope, query, limit)
+        return [SearchHit(r, score) for r, score in ranked]
+
+    async def recent(self, partition: str, instance: str, *, limit: int = 15) -> list[MessageRecord]:
+        """The last `limit` messages of a scope, oldest first."""
+        await self.settle(Scope(partition, instance))
+        return await anyio.to_thread.run_sync(self.store.recent, Scope(partition, instance), limit)
+
+    async def delete(self, partition: str, instance: str | None = None) -> int:
+        """Forget one scope, or every instance of a partition; returns how many."""
+        if instance is not None:
+            scopes = [Scope(partition, instance)]
+        else:
+            scopes = await anyio.to_thread.run_sync(self.store.scopes, partition)
+        for scope in scopes:
+            await self.settle(scope)
+            outcome = await self.hooks.delete(scope)
+            self._tails.pop(scope.key, None)
+            if outcome.failures:
+                raise RuntimeError(str(outcome.failures[0])) from outcome.failures[0].error
+        return len(scopes)
+
+    async def settle(self, scope: Scope | None = None, timeout: float | None = None) -> None:
+        """Wait for queued writes (of one scope, or all) of this event loop."""
+        loop = asyncio.get_running_loop()
+        keys = [scope.key] if scope is not None else list(self._pending)
+        tasks = {t for k in keys for t in self._pending.get(k, ()) if t.get_loop() is loop}
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    async def warm_up(self) -> None:
+        """Load the embedding model and open the store before the first request."""
+        await self._embed_one("warm up")
+        await anyio.to_thread.run_sync(lambda: self.store.client)
+
+    # -- request path ------------------------------------------------------------
+
+    async def _plan(
+        self,
+        scope: Scope,
+        body: dict[str, Any],
+        messages: list[dict[str, Any]],
+        records: list[MessageRecord],
+        query_text: str,
+        embedding: list[float] | None,
+        result: Enrichment,
+    ) -> ContextPlan:
+        s = self.settings
+        in_request = {r.id for r in records}
+        request_texts = {(r.role, r.text) for r in records}
+
+        def is_in_request(record: MessageRecord) -> bool:
+            return record.id in in_request or (record.role, record.text) in request_texts
+
+        query = RetrievalQuery(
+            scope=scope,
+            text=query_text,
+            embedding=embedding,
+            request_ids=frozenset(in_request),
+            semantic_limit=s.semantic_context_size,
+            recent_limit=s.recent_context_size,
+            min_similarity=s.min_similarity,
+            semantic_scope=s.semantic_scope,
+            body=body,
+        )
+        outcome = await self.hooks.retrieve(query, self.store)
+        result.failures.extend(outcome.failures)
+        recent = recent_window(outcome.results, s.recent_context_size, is_in_request)
+        recent_ids = {r.id for r in recent}
+
+        def excluded(record: MessageRecord) -> bool:
+            return is_in_request(record) or record.id in recent_ids
+
+        hits = [h for h in fuse(outcome.results) if not excluded(h.record)]
+        hits = hits[: s.semantic_context_size]
+        neighbours: dict[tuple[Scope, int], MessageRecord] = {}
+        if hits and (s.pair_answers or s.synapse_neighbours):
+            for hit_scope, seqs in neighbour_seqs(hits).items():
+                found = await anyio.to_thread.run_sync(self.store.by_seq, hit_scope, seqs)
+                neighbours.update({(hit_scope, r.seq): r for r in found})
+        units = build_units(
+            hits,
+            neighbours,
+            pair_answers=s.pair_answers,
+            synapse_limit=s.synapse_neighbours,
+            excluded=excluded,
+        )
+        lead = leading_system_count(messages)
+        return ContextPlan(
+            system=messages[:lead],
+            semantic=units,
+            recent=recent,
+            conversation=messages[lead:],
+            merge_system=s.merge_system_messages,
+        )
+
+    def _budget(self, model: str | None, limit: int) -> TokenBudget:
+        return TokenBudget(
+            model=model,
+            input_limit=limit,
+            context_budget=self.settings.context_token_budget,
+            count_message=lambda m: count_message(m, model),
+            count_messages=lambda ms: count_messages(ms, model),
+        )
+
+    async def _count(self, message: Mapping[str, Any], model: str | None) -> int:
+        if len(content_text(message.get("content"))) < 2000:
+            return count_message(dict(message), model)
+        return await anyio.to_thread.run_sync(count_message, dict(message), model)
+
+    async def _embed_one(self, text: str) -> list[float]:
+        vectors = await anyio.to_thread.run_sync(self.embedder, [text])
+        return [float(x) for x in vectors[0]]
+
+    # -- writes --------------------------------------------------------------------
+
+    def _records(
+        self,
+        scope: Scope,
+        messages: Iterable[Mapping[str, Any]],
+        trace_id: str,
+        model: str | None,
+        source: str,
+    ) -> list[MessageRecord]:
+        """Chain-id'd records for the stored roles (system prompts are not memory)."""
+        records: list[MessageRecord] = []
+        prev: str | None = None
+        for message in messages:
+            role = message.get("role")
+            if role not in STORED_ROLES:
+                continue
+            text = content_text(message.get("content"))
+            calls = message.get("tool_calls") if role == "assistant" else None
+            record = MessageRecord(
+                id=chained_id(scope, str(role), text, calls, prev),
+                partition=scope.partition,
+                instance=scope.instance,
+                role=str(role),
+                text=text,
+                name=message.get("name") if isinstance(message.get("name"), str) else None,
+                tool_calls=calls if isinstance(calls, list) and calls else None,
+                tool_call_id=_str_or_none(message.get("tool_call_id")),
+                trace_id=trace_id,
+                model=model,
+                source=source,
+                prev_id=prev,
+            )
+            records.append(record)
+            prev = record.id
+        return records
+
+    def _schedule(self, scope: Scope, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        pending = self._pending.setdefault(scope.key, set())
+        pending.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            pending.discard(t)
+            if not pending:
+                self._pending.pop(scope.key, None)
+            if not t.cancelled() and t.exception() is not None:
+                logger.error("storing memory of %s failed", scope, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def _lock(self, scope: Scope) -> asyncio.Lock:
+        key = (id(asyncio.get_running_loop()), scope.key)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    async def _write(
+        self,
+        scope: Scope,
+        records: list[MessageRecord],
+        known: dict[str, list[float]],
+        written: list[str],
+    ) -> str | None:
+        """Store what is new among `records`; returns the id the next message chains to."""
+        if not records:
+            return None
+        async with self._lock(scope):
+            tail = self._tails.get(scope.key)
+            if tail is None:
+                tail = await anyio.to_thread.run_sync(self.store.tail, scope)
+            ids = [r.id for r in records]
+            existing = await anyio.to_thread.run_sync(self.store.existing_ids, scope, ids)
+            if len(records) == 1 and records[0].prev_id is None and ids[0] in existing:
+                # A client that sends only its newest message: the same text again is
+                # a new turn, chained to what the scope said last.
+                last = tail[1]
+                if last is not None and last.id != ids[0]:
+                    only = records[0]
+                    chained = chained_id(scope, only.role, only.text, only.tool_calls, last.id)
+                    records = [replace(only, id=chained, prev_id=last.id)]
+                    existing = await anyio.to_thread.run_sync(
+                        self.store.existing_ids, scope, [chained]
+                    )
+            fresh: list[MessageRecord] = []
+            for record in records:
+                if record.id in existing:
+                    continue
+                prepared, outcome = await self.hooks.prepare_record(record)
+                if prepared is not None:
+                    fresh.append(prepared)
+            if fresh:
+                tail = await self._store(scope, fresh, known, tail)
+                written.extend(r.id for r in fresh)
+            self._tails[scope.key] = tail
+            return records[-1].id
+
+    async def _store(
+        self,
+        scope: Scope,
+        fresh: list[MessageRecord],
+        known: dict[str, list[float]],
+        tail: tuple[int, MessageRecord | None, list[float] | None],
+    ) -> tuple[int, MessageRecord | None, list[float] | None]:
+        texts = [embedding_text(r) for r in fresh]
+        missing = [t for t in dict.fromkeys(texts) if t not in known]
+        if missing:
+            vectors = await anyio.to_thread.run_sync(self.embedder, missing)
+            known = {**known, **{t: [float(x) for x in v] for t, v in zip(missing, vectors, strict=True)}}
+        embeddings = [known[t] for t in texts]
+        next_seq, last, last_vector = tail
+        for record, vector in zip(fresh, embeddings, strict=True):
+            record.seq = next_seq
+            record.embedding_model = self.embedding_model
+            if last is not None and last_vector is not None:
+                if cosine(last_vector, vector) >= self.settings.synapse_threshold:
+                    record.synapse_prev = last.id
+            next_seq, last, last_vector = next_seq + 1, record, vector
+        outcome = await self.hooks.store(scope, fresh, embeddings)
+        if any(f.plugin == self.store.name for f in outcome.failures):
+            self._tails.pop(scope.key, None)
+            raise outcome.failures[0].error
+        return next_seq, last, last_vector
+
+
+def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidChatRequest("'messages' must be a non-empty list")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise InvalidChatRequest("every message must be an object with a 'role'")
+    return messages
+
+
+def leading_system_count(messages: Sequence[Mapping[str, Any]]) -> int:
+    count = 0
+    for message in messages[:-1]:
+        if message.get("role") not in ("system", "developer"):
+            break
+        count += 1
+    return count
+
+
+def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return content_text(message.get("content"))
+    return content_text(messages[-1].get("content")) if messages else ""
+
+
+def embedding_text(record: MessageRecord) -> str:
+    content = record.to_message().get("content")
+    return content if isinstance(content, str) else record.text
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=False))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _render_and_report(
+    plan: ContextPlan, budget: TokenBudget
+) -> tuple[list[dict[str, Any]], SectionReport, SectionReport]:
+    sims = {u.hit_id: u.similarity for u in plan.semantic}
+    semantic = SectionReport(
+        [
+            InjectedMessage(r.id, r.role, r.text, budget.count_message(r.to_message()),
+                            sims.get(r.id))
+            for unit in plan.semantic
+            for r in unit.records
+        ]
+    )
+    recent = SectionReport(
+        [InjectedMessage(r.id, r.role, r.text, budget.count_message(r.to_message()))
+         for r in plan.recent]
+    )
+    return plan.render(), semantic, recent

@@ -1,0 +1,108 @@
+"""The hooks a reservoir plugin can implement (pluggy project name `reservoir`).
+
+Every hook is a plain function that may return an awaitable; the core awaits
+it. A plain (non-async) implementation is called in a worker thread, so it may
+block; an `async def` implementation runs on the event loop and must not.
+An implementation that raises is logged with its plugin name and skipped: the
+request still goes through (marked `x-reservoir-status: degraded`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .context import Candidate, ContextPlan, RetrievalQuery, TokenBudget
+    from .records import MessageRecord, Scope
+    from .store import MemoryStore
+
+PROJECT = "reservoir"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def reservoir_rewrite_request(
+    body: dict[str, Any], scope: Scope
+) -> dict[str, Any] | None | Awaitable[dict[str, Any] | None]:
+    """Rewrite a chat request before it is stored and enriched.
+
+    Called once per chat request, in plugin order, each seeing the previous
+    one's result. Return a new body dict to replace it, or None to leave it.
+    The returned body is what is stored, enriched and forwarded.
+    """
+
+
+@hookspec
+def reservoir_prepare_record(
+    record: MessageRecord,
+) -> MessageRecord | Literal[False] | None | Awaitable[MessageRecord | Literal[False] | None]:
+    """Filter or redact one message before it is stored.
+
+    Called for every message about to be stored (request messages, answers,
+    imports), in plugin order, each seeing the previous one's result. Return a
+    changed record to store that instead, None to keep it as it is, or False
+    to store nothing for it. The id is already fixed from the original text,
+    so a redacted message is still recognised when the client re-sends it.
+    """
+
+
+@hookspec
+def reservoir_store(
+    scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+) -> None | Awaitable[None]:
+    """Persist new messages of one scope.
+
+    Called by every plugin, once per batch, with records that are not stored
+    yet, their `seq` assigned, and one embedding per record. The built-in
+    Chroma store writes them; an index plugin can keep its own copy. Return
+    value is ignored.
+    """
+
+
+@hookspec
+def reservoir_retrieve(
+    query: RetrievalQuery, store: MemoryStore
+) -> list[Candidate] | None | Awaitable[list[Candidate] | None]:
+    """Propose stored messages for the injected context.
+
+    Called on every plugin; each returns candidates for the "semantic" or
+    "recent" section (or None for none). The core fuses the semantic
+    candidates of all plugins by reciprocal rank, removes messages already in
+    the request, pairs answers, adds synapse neighbours and keeps the top
+    `semantic_context_size`; recent candidates are merged by sequence.
+    """
+
+
+@hookspec(firstresult=True)
+def reservoir_truncate(
+    plan: ContextPlan, budget: TokenBudget
+) -> ContextPlan | None | Awaitable[ContextPlan | None]:
+    """Trim a context plan to the token budget.
+
+    The first non-None result wins (the built-in truncation is registered
+    last). Return the plan to send, or None to leave the decision to the next
+    plugin. System messages and the last message must be kept.
+    """
+
+
+@hookspec
+def reservoir_delete(scope: Scope) -> None | Awaitable[None]:
+    """Forget a scope entirely (called by `Reservoir.delete`).
+
+    Called on every plugin so that indexes kept beside the store are removed
+    too. Return value is ignored.
+    """
+
+
+def documented_hooks() -> Mapping[str, str]:
+    """Hook name to docstring, for the docs test and `reservoir plugins`."""
+    return {
+        name: (obj.__doc__ or "")
+        for name, obj in globals().items()
+        if name.startswith("reservoir_") and callable(obj)
+    }

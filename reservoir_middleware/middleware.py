@@ -1,0 +1,277 @@
+"""The ASGI mechanics: read, enrich, replay, tee the answer. Knows nothing of Chroma.
+
+Per-request state lives in `ChatExchange`, never on the middleware. Anything
+that is not `POST …/chat/completions` passes through untouched; internal
+errors are logged under `reservoir` and the request goes on un-enriched
+(unless `fail_open` is off); the wrapped app's own exceptions are re-raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .answer import JsonAssembler, StreamAssembler, make_assembler
+from .engine import Enrichment, InvalidChatRequest, Reservoir
+from .replies import STATUS_HEADER, TRACE_HEADER, send_error, send_too_long
+from .routes import ChatRoute, InvalidName, match_chat_route
+from .settings import ReservoirSettings
+
+logger = logging.getLogger("reservoir")
+
+DEGRADED = (STATUS_HEADER, b"degraded")
+
+
+class ReservoirMiddleware:
+    """Long-term memory for the chat completions of the wrapped ASGI app."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: ReservoirSettings | None = None,
+        reservoir: Reservoir | None = None,
+        plugins: Sequence[object] = (),
+    ) -> None:
+        self.app = app
+        self.reservoir = reservoir if reservoir is not None else Reservoir(settings, plugins)
+        self.settings = settings or self.reservoir.settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), send)
+            return
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        raw_path = scope.get("raw_path") or quote(scope["path"]).encode("latin-1")
+        try:
+            route = match_chat_route(raw_path, scope.get("headers") or [])
+        except InvalidName as exc:
+            await send_error(send, 400, "invalid_request", str(exc))
+            return
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        exchange = ChatExchange(self.app, self.reservoir, self.settings, route, scope)
+        await exchange.run(receive, send)
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        """Pass lifespan events through; warm the model up while the app starts."""
+        reservoir = self.reservoir
+
+        async def wrapped() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.startup":
+                task = asyncio.ensure_future(reservoir.warm_up())
+                task.add_done_callback(_log_warm_up)
+            return message
+
+        return wrapped
+
+
+def _log_warm_up(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("reservoir warm-up failed", exc_info=task.exception())
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+class ChatExchange:
+    """One chat request on its way in and its answer on its way out."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        reservoir: Reservoir,
+        settings: ReservoirSettings,
+        route: ChatRoute,
+        scope: Scope,
+    ) -> None:
+        self.app = app
+        self.reservoir = reservoir
+        self.settings = settings
+        self.route = route
+        self.scope = scope
+        self.disconnected = False
+        self.finished = False
+        self.recorded = False
+        self.enrichment: Enrichment | None = None
+        self.assembler: StreamAssembler | JsonAssembler | None = None
+
+    async def run(self, receive: Receive, send: Send) -> None:
+        try:
+            body = await self._read_body(receive)
+        except PayloadTooLarge:
+            limit = self.settings.max_body_bytes
+            await send_error(send, 413, "payload_too_large",
+                             f"request body exceeds the limit of {limit} bytes")
+            return
+        if body is None:  # the client went away before sending its request
+            return
+        payload = _parse_json(body)
+        if not isinstance(payload, dict):
+            await self._forward(body, [], receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = []
+        try:
+            self.enrichment = await asyncio.wait_for(
+                self.reservoir.enrich(self.route.partition, self.route.instance, payload),
+                self.settings.memory_timeout_ms / 1000,
+            )
+        except InvalidChatRequest:
+            await self._forward(body, [], receive, send)
+            return
+        except Exception as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else repr(exc)
+            logger.warning("memory unavailable for %s/%s: %s", self.route.partition,
+                           self.route.instance, reason, exc_info=exc)
+            if not self.settings.fail_open:
+                await send_error(send, 503, "memory_unavailable", f"memory unavailable: {reason}")
+                return
+            await self._forward(body, [DEGRADED], receive, send)
+            return
+        enrichment = self.enrichment
+        headers.append((TRACE_HEADER, enrichment.trace_id.encode("ascii")))
+        if enrichment.degraded:
+            if not self.settings.fail_open:
+                message = "; ".join(str(f) for f in enrichment.failures)
+                await send_error(send, 503, "memory_unavailable", message)
+                return
+            headers.append(DEGRADED)
+        if enrichment.too_long is not None:
+            model = payload.get("model") if isinstance(payload.get("model"), str) else None
+            stream = payload.get("stream") is True
+            await send_too_long(send, model, enrichment.too_long.message, stream, headers)
+            return
+        new_body = _dump_json(enrichment.body) if enrichment.changed else body
+        await self._forward(new_body, headers, receive, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        limit = self.settings.max_body_bytes
+        for name, value in self.scope.get("headers") or []:
+            if name.lower() == b"content-length" and value.strip().isdigit() and int(value) > limit:
+                raise PayloadTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _forward(
+        self, body: bytes, extra_headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
+    ) -> None:
+        """Replay the (rewritten) body to the app and tee its answer."""
+        scope = dict(self.scope)
+        scope["path"] = self.route.path
+        scope["raw_path"] = self.route.raw_path
+        scope["headers"] = [
+            (k, v) for k, v in self.scope.get("headers") or []
+            if k.lower() not in (b"content-length", b"transfer-encoding")
+        ] + [(b"content-length", str(len(body)).encode("ascii"))]
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+            return message
+
+        async def tee(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = self._on_start(message, extra_headers)
+                await send(message)
+                return
+            try:
+                await send(message)
+            except BaseException:
+                self.disconnected = True
+                raise
+            if message["type"] == "http.response.body":
+                self._on_body(message)
+
+        try:
+            await self.app(scope, replay, tee)
+        finally:
+            if self.assembler is not None and not self.recorded:
+                self._record(complete=False)
+
+    def _on_start(self, message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
+        status = int(message.get("status", 200))
+        headers = list(message.get("headers") or [])
+        if self.enrichment is not None and 200 <= status < 300:
+            content_type = content_encoding = None
+            for name, value in headers:
+                lowered = name.lower()
+                if lowered == b"content-type":
+                    content_type = value.decode("latin-1")
+                elif lowered == b"content-encoding":
+                    content_encoding = value.decode("latin-1")
+            self.assembler = make_assembler(content_type, content_encoding)
+        if not extra:
+            return message
+        return {**message, "headers": headers + extra}
+
+    def _on_body(self, message: Message) -> None:
+        chunk = message.get("body", b"")
+        if self.assembler is not None and chunk:
+            try:
+                self.assembler.feed(chunk)
+            except Exception:
+                logger.exception("reading the answer failed; it will not be stored")
+                self.assembler = None
+        if not message.get("more_body", False):
+            self.finished = True
+            if self.assembler is not None:
+                self._record(complete=True)
+
+    def _record(self, *, complete: bool) -> None:
+        """Hand the assembled answer to the engine (stored in the background)."""
+        self.recorded = True
+        assembler, enrichment = self.assembler, self.enrichment
+        if assembler is None or enrichment is None:
+            return
+        try:
+            answer = assembler.finish()
+            if answer.error is not None or answer.is_empty or answer.overflowed:
+                return
+            self.reservoir.record_answer(
+                enrichment, answer, complete=complete and not self.disconnected
+            )
+        except Exception:
+            logger.exception("recording the answer of %s failed", enrichment.scope)
+
+
+def _parse_json(body: bytes) -> Any:
+    """Lenient: a UTF-8 BOM and surrounding white space are accepted."""
+    try:
+        return json.loads(body.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def _dump_json(payload: Any) -> bytes:
+    try:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from \\ud800-style escapes
+        return json.dumps(payload, separators=(",", ":")).encode("ascii")

@@ -1,0 +1,166 @@
+"""A small typed facade over the pluggy hooks, with per-plugin failure isolation.
+
+pluggy stops a hook call at the first exception; a memory plugin must not take
+the whole request down with it. So each implementation is called on its own,
+in pluggy's order (tryfirst first, later-registered first), its failure logged
+with its plugin name and collected, and the others still run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio.to_thread
+import pluggy
+
+from . import hookspecs
+from .context import Candidate, ContextPlan, RetrievalQuery, TokenBudget
+from .records import MessageRecord, Scope
+
+if TYPE_CHECKING:
+    from .store import MemoryStore
+
+logger = logging.getLogger("reservoir")
+
+ENTRY_POINT_GROUP = "reservoir"
+
+
+@dataclass
+class PluginFailure:
+    plugin: str
+    hook: str
+    error: BaseException
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} failed in {self.hook}: {self.error!r}"
+
+
+@dataclass
+class Outcome:
+    """What a hook call produced, and which plugins failed on the way."""
+
+    results: list[tuple[str, Any]] = field(default_factory=list)
+    failures: list[PluginFailure] = field(default_factory=list)
+
+
+def make_plugin_manager(
+    builtins: Iterable[tuple[str, object]],
+    extra: Sequence[object] = (),
+    *,
+    disabled: Iterable[str] = (),
+    load_entry_points: bool = True,
+) -> pluggy.PluginManager:
+    """Built-ins first, then entry points, then plugins passed in code."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for name in disabled:
+        pm.set_blocked(name)
+    for name, plugin in builtins:
+        pm.register(plugin, name=name)
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for plugin in extra:
+        name = getattr(plugin, "name", None) or getattr(plugin, "__name__", None)
+        if name and pm.is_blocked(str(name)):
+            continue
+        pm.register(plugin, name=str(name) if name and not pm.has_plugin(str(name)) else None)
+    return pm
+
+
+class Hooks:
+    """Typed calls to every hook, each implementation isolated from the others."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+
+    async def _invoke(self, impl: Any, hook: str, kwargs: dict[str, Any], outcome: Outcome) -> Any:
+        """Call one implementation; a failure is logged, recorded and yields None."""
+        args = [kwargs[name] for name in impl.argnames]
+        try:
+            if inspect.iscoroutinefunction(impl.function):
+                return await impl.function(*args)
+            result = await anyio.to_thread.run_sync(impl.function, *args)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except Exception as exc:  # a plugin must not break traffic
+            failure = PluginFailure(impl.plugin_name, hook, exc)
+            logger.warning("%s", failure, exc_info=exc)
+            outcome.failures.append(failure)
+            return None
+
+    def _impls(self, hook: str) -> list[Any]:
+        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
+    async def _call(self, hook: str, kwargs: dict[str, Any], *, first: bool = False) -> Outcome:
+        outcome = Outcome()
+        for impl in self._impls(hook):
+            result = await self._invoke(impl, hook, kwargs, outcome)
+            if result is not None:
+                outcome.results.append((impl.plugin_name, result))
+                if first:
+                    break
+        return outcome
+
+    async def rewrite_request(
+        self, body: dict[str, Any], scope: Scope
+    ) -> tuple[dict[str, Any], Outcome]:
+        outcome = Outcome()
+        hook = "reservoir_rewrite_request"
+        for impl in self._impls(hook):
+            result = await self._invoke(impl, hook, {"body": body, "scope": scope}, outcome)
+            if isinstance(result, dict):
+                body = result
+        return body, outcome
+
+    async def prepare_record(self, record: MessageRecord) -> tuple[MessageRecord | None, Outcome]:
+        outcome = Outcome()
+        hook = "reservoir_prepare_record"
+        current: MessageRecord | None = record
+        for impl in self._impls(hook):
+            if current is None:
+                break
+            result = await self._invoke(impl, hook, {"record": current}, outcome)
+            if result is False:
+                current = None
+            elif isinstance(result, MessageRecord):
+                current = result
+        return current, outcome
+
+    async def store(
+        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+    ) -> Outcome:
+        return await self._call(
+            "reservoir_store", {"scope": scope, "records": records, "embeddings": embeddings}
+        )
+
+    async def retrieve(self, query: RetrievalQuery, store: MemoryStore) -> Outcome:
+        outcome = await self._call("reservoir_retrieve", {"query": query, "store": store})
+        outcome.results = [
+            (name, [c for c in result if isinstance(c, Candidate)])
+            for name, result in outcome.results
+            if isinstance(result, list)
+        ]
+        return outcome
+
+    async def truncate(self, plan: ContextPlan, budget: TokenBudget) -> tuple[ContextPlan | None, Outcome]:
+        outcome = await self._call("reservoir_truncate", {"plan": plan, "budget": budget}, first=True)
+        for _, result in outcome.results:
+            if isinstance(result, ContextPlan):
+                return result, outcome
+        return None, outcome
+
+    async def delete(self, scope: Scope) -> Outcome:
+        return await self._call("reservoir_delete", {"scope": scope})
+
+    def describe(self) -> list[tuple[str, list[str]]]:
+        """Each registered plugin with the hooks it implements."""
+        rows = []
+        for name, plugin in self.pm.list_name_plugin():
+            callers = self.pm.get_hookcallers(plugin) or []
+            rows.append((name, sorted(cast(str, c.name) for c in callers)))
+        return rows

@@ -1,0 +1,154 @@
+"""The stored unit of memory and the rules that make ids content-chained.
+
+A record is one chat message of one scope (partition, instance). Its id hashes
+the scope, the role, the content and the id of the message before it in the
+request, so a client that re-sends the whole history writes nothing new while
+the same short reply at another place of the conversation is a new message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+Source = Literal["request", "response", "import"]
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One (partition, instance): the unit of isolation and of storage."""
+
+    partition: str
+    instance: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.partition}\x00{self.instance}"
+
+    def __str__(self) -> str:
+        return f"{self.partition}/{self.instance}"
+
+
+@dataclass
+class MessageRecord:
+    """A chat message as memory keeps it (see the design's memory model)."""
+
+    id: str
+    partition: str
+    instance: str
+    role: str
+    text: str
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    trace_id: str = ""
+    seq: int = -1
+    timestamp: float = field(default_factory=time.time)
+    model: str | None = None
+    embedding_model: str | None = None
+    finish_reason: str | None = None
+    complete: bool = True
+    source: str = "request"
+    prev_id: str | None = None
+    synapse_prev: str | None = None
+    choices: int | None = None
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(self.partition, self.instance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_message(self) -> dict[str, Any]:
+        """The record as an OpenAI chat message that is valid on its own.
+
+        Tool traffic is rendered as plain text: a `tool` message or an
+        assistant `tool_calls` message injected without its partner would be
+        rejected by providers.
+        """
+        if self.role == "tool":
+            return {"role": "user", "content": f"[tool result] {self.text}"}
+        if self.role == "assistant" and self.tool_calls:
+            calls = "; ".join(
+                f"{c.get('function', {}).get('name', '?')}"
+                f"({c.get('function', {}).get('arguments', '')})"
+                for c in self.tool_calls
+            )
+            text = f"{self.text}\n[called tools] {calls}" if self.text else f"[called tools] {calls}"
+            return {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+def content_text(content: Any) -> str:
+    """The text of an OpenAI `content` field in any of its allowed shapes."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts: list[str] = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict):
+                kind = part.get("type")
+                if kind in ("text", "input_text", "output_text") or "text" in part:
+                    text = part.get("text")
+                    if isinstance(text, str):
+                        parts.append(text)
+                elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                    parts.append(part["refusal"])
+                elif kind in ("image_url", "input_image"):
+                    parts.append("[image]")
+                elif kind in ("input_audio", "audio"):
+                    parts.append("[audio]")
+                elif kind == "file":
+                    parts.append("[file]")
+        return "\n".join(parts)
+    return json.dumps(content, ensure_ascii=False, sort_keys=True)
+
+
+def canonical_tool_calls(tool_calls: Any) -> list[dict[str, Any]] | None:
+    """Tool calls reduced to what identifies them (id, name, arguments)."""
+    if not isinstance(tool_calls, list) or not tool_calls:
+        return None
+    calls: list[dict[str, Any]] = []
+    for call in tool_calls:
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        calls.append(
+            {
+                "id": call.get("id"),
+                "type": call.get("type", "function"),
+                "function": {
+                    "name": function.get("name"),
+                    "arguments": function.get("arguments", ""),
+                },
+            }
+        )
+    return calls or None
+
+
+def chained_id(scope: Scope, role: str, text: str, tool_calls: Any, prev_id: str | None) -> str:
+    """The content-chained id of a message (32 hex chars)."""
+    digest = hashlib.sha256()
+    calls = canonical_tool_calls(tool_calls)
+    for piece in (
+        scope.key,
+        role,
+        text,
+        json.dumps(calls, sort_keys=True, ensure_ascii=False) if calls else "",
+        prev_id or "",
+    ):
+        digest.update(piece.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x1f")
+    return digest.hexdigest()[:32]

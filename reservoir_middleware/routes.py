@@ -1,0 +1,95 @@
+"""Which requests carry memory, and for which (partition, instance).
+
+Matched on the raw path so that a percent-encoded `/` inside a partition name
+stays inside it. A mount prefix before the route is kept in the rewritten path.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+DEFAULT = "default"
+MAX_NAME_LENGTH = 256
+PARTITION_HEADER = b"x-reservoir-partition"
+INSTANCE_HEADER = b"x-reservoir-instance"
+
+_SCOPED = (
+    re.compile(r"^(?P<prefix>.*?)/v1/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)/chat/completions/?$"),
+    re.compile(r"^(?P<prefix>.*?)/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)/v1/chat/completions/?$"),
+)
+_PLAIN = re.compile(r"^(?P<prefix>.*?)(?P<tail>/v1/chat/completions|/chat/completions)/?$")
+
+
+class InvalidName(ValueError):
+    """A partition or instance name the middleware refuses (answered with 400)."""
+
+
+@dataclass(frozen=True)
+class ChatRoute:
+    partition: str
+    instance: str
+    raw_path: bytes  # what the wrapped app sees
+
+    @property
+    def path(self) -> str:
+        return unquote(self.raw_path.decode("latin-1"))
+
+
+def check_name(kind: str, name: str) -> str:
+    """Names are free text, but not empty, not huge, no control characters,
+    and not a path step (`.`/`..`)."""
+    if not name:
+        raise InvalidName(f"{kind} name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"{kind} name is longer than {MAX_NAME_LENGTH} characters")
+    if name in (".", ".."):
+        raise InvalidName(f"{kind} name {name!r} is not allowed")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+        raise InvalidName(f"{kind} name contains control characters")
+    return name
+
+
+def _decode(kind: str, segment: str) -> str:
+    try:
+        raw = unquote(segment, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise InvalidName(f"{kind} name is not valid UTF-8") from exc
+    return check_name(kind, raw)
+
+
+def match_chat_route(
+    raw_path: bytes, headers: Iterable[tuple[bytes, bytes]]
+) -> ChatRoute | None:
+    """The chat route of a POST path, or None when memory does not apply.
+
+    Raises InvalidName for a memory route whose names are refused.
+    """
+    path = raw_path.decode("latin-1")
+    for pattern in _SCOPED:
+        found = pattern.match(path)
+        if found:
+            rewritten = (found["prefix"] + "/v1/chat/completions").encode("latin-1")
+            return ChatRoute(_decode("partition", found["p"]), _decode("instance", found["i"]), rewritten)
+    found = _PLAIN.match(path)
+    if not found:
+        return None
+    partition = instance = DEFAULT
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == PARTITION_HEADER:
+            partition = _header_name("partition", value)
+        elif lowered == INSTANCE_HEADER:
+            instance = _header_name("instance", value)
+    return ChatRoute(partition, instance, raw_path)
+
+
+def _header_name(kind: str, value: bytes) -> str:
+    try:
+        text = value.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise InvalidName(f"{kind} header is not valid UTF-8") from exc
+    return check_name(kind, unquote(text))

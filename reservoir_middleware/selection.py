@@ -1,0 +1,117 @@
+"""From the retrieval plugins' candidates to the memory sections of a request.
+
+Semantic candidates of several plugins are fused by reciprocal rank; messages
+already in the request or in the recent window are removed; each hit brings
+its answer (or its question) and its synapse neighbours, the consecutive
+messages it was linked to at storage time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .context import Candidate, MemoryUnit
+from .records import MessageRecord, Scope
+
+RRF_K = 60
+
+
+@dataclass
+class Hit:
+    record: MessageRecord
+    score: float
+    similarity: float | None
+
+
+def fuse(outcome: Sequence[tuple[str, list[Candidate]]]) -> list[Hit]:
+    """Semantic candidates of every plugin, best first, one per message.
+
+    With one contributing plugin its own order stands; with several, each
+    message scores the sum of 1/(60 + rank) over the plugins that ranked it.
+    """
+    ranked: list[list[Candidate]] = []
+    for _, candidates in outcome:
+        ordered = sorted(
+            (c for c in candidates if c.section == "semantic"), key=lambda c: c.score, reverse=True
+        )
+        if ordered:
+            ranked.append(ordered)
+    best: dict[str, Hit] = {}
+    for ordered in ranked:
+        seen: set[str] = set()
+        for rank, cand in enumerate(ordered):
+            if cand.record.id in seen:
+                continue
+            seen.add(cand.record.id)
+            gain = cand.score if len(ranked) == 1 else 1.0 / (RRF_K + rank + 1)
+            sim = cand.score if cand.source == "semantic" else None
+            hit = best.get(cand.record.id)
+            if hit is None:
+                best[cand.record.id] = Hit(cand.record, gain, sim)
+            else:
+                hit.score += gain
+                hit.similarity = hit.similarity if sim is None else sim
+    return sorted(best.values(), key=lambda h: h.score, reverse=True)
+
+
+def recent_window(
+    outcome: Sequence[tuple[str, list[Candidate]]], limit: int, excluded: Callable[[MessageRecord], bool]
+) -> list[MessageRecord]:
+    """The last `limit` messages proposed for the recent section, oldest first."""
+    records: dict[str, MessageRecord] = {}
+    for _, candidates in outcome:
+        for cand in candidates:
+            if cand.section == "recent":
+                records.setdefault(cand.record.id, cand.record)
+    window = sorted(records.values(), key=lambda r: (r.seq, r.timestamp))[-limit:] if limit else []
+    return [r for r in window if not excluded(r)]
+
+
+def neighbour_seqs(hits: Sequence[Hit]) -> dict[Scope, list[int]]:
+    """The sequence numbers around each hit: its answer or question, its synapses."""
+    wanted: dict[Scope, list[int]] = {}
+    for hit in hits:
+        seq = hit.record.seq
+        wanted.setdefault(hit.record.scope, []).extend([seq - 1, seq + 1])
+    return wanted
+
+
+def build_units(
+    hits: Sequence[Hit],
+    neighbours: dict[tuple[Scope, int], MessageRecord],
+    *,
+    pair_answers: bool,
+    synapse_limit: int,
+    excluded: Callable[[MessageRecord], bool],
+) -> list[MemoryUnit]:
+    """One unit per hit: the hit, its pair and its linked neighbours, in order."""
+    used: set[str] = set()
+    units: list[MemoryUnit] = []
+    for hit in hits:
+        record = hit.record
+        if record.id in used:
+            continue
+        members = {record.id: record}
+        before = neighbours.get((record.scope, record.seq - 1))
+        after = neighbours.get((record.scope, record.seq + 1))
+        if pair_answers:
+            if record.role == "user" and after is not None and after.role == "assistant":
+                members[after.id] = after
+            if record.role == "assistant" and before is not None and before.role == "user":
+                members[before.id] = before
+        linked = 0
+        if before is not None and record.synapse_prev == before.id and linked < synapse_limit:
+            members[before.id] = before
+            linked += 1
+        if after is not None and after.synapse_prev == record.id and linked < synapse_limit:
+            members[after.id] = after
+            linked += 1
+        kept = [
+            m for m in members.values()
+            if m.id not in used and (m.id == record.id or not excluded(m))
+        ]
+        used.update(m.id for m in kept)
+        kept.sort(key=lambda m: (m.seq, m.timestamp))
+        units.append(MemoryUnit(kept, hit.score, record.id, hit.similarity))
+    return units

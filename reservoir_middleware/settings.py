@@ -1,0 +1,112 @@
+"""One settings object for the middleware, the engine and the CLI.
+
+Precedence: keyword arguments > `RSV_*` environment variables > the TOML config
+file (`$RSV_CONFIG_FILE`, else `$XDG_CONFIG_HOME/reservoir/reservoir.toml`,
+else `~/.config/reservoir/reservoir.toml`) > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def config_file_path() -> Path:
+    """Where `reservoir config --set` writes and the settings read."""
+    explicit = os.environ.get("RSV_CONFIG_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base).expanduser() / "reservoir" / "reservoir.toml"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "reservoir"
+
+
+class ReservoirSettings(BaseSettings):
+    """Every knob of reservoir-middleware; each is documented in the README."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RSV_",
+        extra="forbid",
+        validate_default=True,
+        arbitrary_types_allowed=True,
+    )
+
+    # storage
+    data_dir: Path = Field(default_factory=default_data_dir)
+    chroma_url: str | None = None
+    embedding: Any = "minilm"
+    embedding_url: str | None = None
+    embedding_api_key: str | None = None
+
+    # enrichment
+    semantic_context_size: int = Field(7, ge=0, le=200)
+    recent_context_size: int = Field(15, ge=0, le=500)
+    min_similarity: float = Field(0.2, ge=-1.0, le=1.0)
+    semantic_scope: Literal["instance", "partition"] = "instance"
+    synapse_threshold: float = Field(0.85, ge=0.0, le=1.0)
+    synapse_neighbours: int = Field(2, ge=0, le=20)
+    pair_answers: bool = True
+    merge_system_messages: bool = False
+
+    # token budget
+    context_token_budget: int | None = Field(2000, ge=0)
+    model_limits: dict[str, int] = Field(default_factory=dict)
+    default_context_window: int = Field(8192, ge=256)
+    default_output_reserve: int = Field(1024, ge=0)
+
+    # traffic
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    fail_open: bool = True
+    memory_timeout_ms: int = Field(5000, ge=1)
+    disable_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    load_entry_points: bool = True
+
+    @field_validator("disable_plugins", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("embedding", mode="before")
+    @classmethod
+    def _embedding_spec(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return "minilm"
+        if isinstance(value, str):
+            return value.strip()
+        if callable(value):
+            return value
+        raise ValueError("embedding must be a name such as 'minilm', 'openai:MODEL', "
+                         "'ollama:MODEL', 'chroma-default', or an EmbeddingFunction")
+
+    @field_validator("chroma_url", "embedding_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file_path())
+        return (init_settings, env_settings, toml)

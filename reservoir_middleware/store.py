@@ -1,0 +1,52 @@
+"""The read side of memory that retrieval plugins and the engine rely on.
+
+Methods are synchronous and may block: callers run them in worker threads.
+The built-in implementation is `builtins.chroma_store.ChromaStore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from .records import MessageRecord, Scope
+
+
+class EmbeddingMismatch(RuntimeError):
+    """A scope was embedded with another model than the one configured."""
+
+
+@runtime_checkable
+class MemoryStore(Protocol):
+    embedding_model: str
+
+    def query(
+        self, scope: Scope, embedding: Sequence[float], limit: int
+    ) -> list[tuple[MessageRecord, float]]:
+        """Nearest messages of a scope with their cosine similarity, best first."""
+        ...
+
+    def recent(self, scope: Scope, limit: int) -> list[MessageRecord]:
+        """The last `limit` messages of a scope, oldest first."""
+        ...
+
+    def get(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
+        """The messages with these ids (missing ones are left out)."""
+        ...
+
+    def existing_ids(self, scope: Scope, ids: Sequence[str]) -> set[str]:
+        ...
+
+    def by_seq(self, scope: Scope, seqs: Sequence[int]) -> list[MessageRecord]:
+        """The messages at these sequence numbers (answers and synapse neighbours)."""
+        ...
+
+    def keyword(self, scope: Scope, terms: Sequence[str], limit: int) -> list[MessageRecord]:
+        """Messages that contain at least one of `terms` (unranked)."""
+        ...
+
+    def scopes(self, partition: str | None = None) -> list[Scope]:
+        ...
+
+    def count(self, scope: Scope) -> int:
+        ...

@@ -1,0 +1,155 @@
+"""A small stand-in model that speaks the OpenAI chat protocol (JSON and SSE).
+
+It is the only stand-in the tests use: everything between the client and it
+(uvicorn, the middleware, Chroma, the embedding model) is real. It records
+every request it receives, so tests can look at what the model was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+
+@dataclass
+class Reply:
+    """How the stand-in answers the next chat request."""
+
+    content: str | None = None  # default: "Echo: <last user text>"
+    tool_calls: list[dict[str, Any]] | None = None
+    status: int = 200
+    raw: list[bytes] | None = None  # exact SSE bytes, chunk by chunk
+    gate: asyncio.Event | None = None  # awaited after the first chunk
+    delay: float = 0.0
+
+
+@dataclass
+class Received:
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self.json["messages"])
+
+    @property
+    def text(self) -> str:
+        """All message contents as one string, to look for recalled memory."""
+        return "\n".join(str(m.get("content")) for m in self.messages)
+
+
+@dataclass
+class Upstream:
+    replies: deque[Reply] = field(default_factory=deque)
+    received: list[Received] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST", "PUT"]),
+                Route("/chat/completions", self.chat, methods=["POST"]),
+                Route("/api/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/embeddings", self.echo_raw, methods=["POST"]),
+                Route("/v1/partition/{p}/instance/{i}/chat/completions", self.echo_raw,
+                      methods=["GET", "DELETE"]),
+                WebSocketRoute("/ws", self.websocket),
+            ]
+        )
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+
+    async def echo_raw(self, request: Request) -> Response:
+        body = await request.body()
+        self.received.append(Received(request.url.path, body, dict(request.headers)))
+        return Response(body, media_type=request.headers.get("content-type"),
+                        headers={"x-method": request.method})
+
+    async def websocket(self, ws: WebSocket) -> None:
+        await ws.accept()
+        text = await ws.receive_text()
+        await ws.send_text(f"ws:{text}")
+        await ws.close()
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.body()
+        self.received.append(Received(request.url.path, body, dict(request.headers)))
+        try:
+            payload = json.loads(body)
+            messages = payload["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse(
+                {"error": {"message": "upstream: invalid JSON body", "type": "invalid_request_error"}},
+                status_code=400,
+            )
+        reply = self.replies.popleft() if self.replies else Reply()
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.status >= 400:
+            return JSONResponse({"error": {"message": "upstream failure", "type": "server_error"}},
+                                status_code=reply.status)
+        last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        content = reply.content if reply.content is not None else f"Echo: {last_user.get('content')}"
+        model = payload.get("model", "gpt-4o")
+        if reply.raw is not None or payload.get("stream"):
+            return StreamingResponse(self._stream(reply, model, content),
+                                     media_type="text/event-stream")
+        if payload.get("x_plain_text"):
+            return PlainTextResponse(content)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reply.tool_calls:
+            message = {"role": "assistant", "content": None, "tool_calls": reply.tool_calls}
+        return JSONResponse(
+            {
+                "id": "chatcmpl-standin",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": "tool_calls" if reply.tool_calls else "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            }
+        )
+
+    async def _stream(self, reply: Reply, model: str, content: str) -> AsyncIterator[bytes]:
+        chunks = reply.raw if reply.raw is not None else stream_chunks(model, content)
+        for index, chunk in enumerate(chunks):
+            yield chunk
+            if index == 0 and reply.gate is not None:
+                await asyncio.wait_for(reply.gate.wait(), 10)
+
+
+def sse(payload: Any) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n".encode()
+
+
+def stream_chunks(model: str, content: str, pieces: int = 4) -> list[bytes]:
+    """An OpenAI-style stream: role chunk, content deltas, finish, [DONE]."""
+    base = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0, "model": model}
+    size = max(1, len(content) // pieces + 1)
+    parts = [content[i : i + size] for i in range(0, len(content), size)]
+    out = [sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]
+    out += [sse({**base, "choices": [{"index": 0, "delta": {"content": p}}]}) for p in parts]
+    out.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    out.append(sse("[DONE]"))
+    return out
