@@ -161,6 +161,8 @@ class Hooks:
         """Each registered plugin with the hooks it implements."""
         rows = []
         for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:  # blocked by name
+                continue
             callers = self.pm.get_hookcallers(plugin) or []
             rows.append((name, sorted(cast(str, c.name) for c in callers)))
         return rows

@@ -50,7 +50,7 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> ReservoirSettings:
-    return ReservoirSettings(data_dir=tmp_path / "memory", **overrides)
+    return ReservoirSettings(**{"data_dir": tmp_path / "memory", **overrides})
 
 
 @dataclass
