@@ -1,7 +1,7 @@
 """reservoir-middleware: long-term conversational memory for OpenAI-compatible ASGI gateways.
 
-    from reservoir_middleware import ReservoirMiddleware
-    app.add_middleware(ReservoirMiddleware)
+from reservoir_middleware import ReservoirMiddleware
+app.add_middleware(ReservoirMiddleware)
 """
 
 from . import hookspecs

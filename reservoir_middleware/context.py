@@ -19,7 +19,9 @@ SEMANTIC_NOTE = (
     "The following is the result of a semantic search of the most related messages "
     "by cosine similarity to previous conversations"
 )
-RECENT_NOTE = "The following are the most recent messages in the conversation in chronological order"
+RECENT_NOTE = (
+    "The following are the most recent messages in the conversation in chronological order"
+)
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,9 @@ class Reservoir:
         ranked = await anyio.to_thread.run_sync(keyword_search, self.store, scope, query, limit)
         return [SearchHit(r, score) for r, score in ranked]
 
-    async def recent(self, partition: str, instance: str, *, limit: int = 15) -> list[MessageRecord]:
+    async def recent(
+        self, partition: str, instance: str, *, limit: int = 15
+    ) -> list[MessageRecord]:
         """The last `limit` messages of a scope, oldest first."""
         await self.settle(Scope(partition, instance))
         return await anyio.to_thread.run_sync(self.store.recent, Scope(partition, instance), limit)
@@ -226,7 +228,11 @@ class Reservoir:
                 raise RuntimeError(str(outcome.failures[0])) from outcome.failures[0].error
         return len(scopes)
 
-    async def settle(self, scope: Scope | None = None, timeout: float | None = None) -> None:
+    async def settle(
+        self,
+        scope: Scope | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> None:
         """Wait for queued writes (of one scope, or all) of this event loop."""
         loop = asyncio.get_running_loop()
         keys = [scope.key] if scope is not None else list(self._pending)
@@ -408,7 +414,7 @@ class Reservoir:
             for record in records:
                 if record.id in existing:
                     continue
-                prepared, outcome = await self.hooks.prepare_record(record)
+                prepared, _ = await self.hooks.prepare_record(record)
                 if prepared is not None:
                     fresh.append(prepared)
             if fresh:
@@ -428,15 +434,22 @@ class Reservoir:
         missing = [t for t in dict.fromkeys(texts) if t not in known]
         if missing:
             vectors = await anyio.to_thread.run_sync(self.embedder, missing)
-            known = {**known, **{t: [float(x) for x in v] for t, v in zip(missing, vectors, strict=True)}}
+            known = {
+                **known,
+                **{t: [float(x) for x in v] for t, v in zip(missing, vectors, strict=True)},
+            }
         embeddings = [known[t] for t in texts]
         next_seq, last, last_vector = tail
         for record, vector in zip(fresh, embeddings, strict=True):
             record.seq = next_seq
             record.embedding_model = self.embedding_model
-            if last is not None and last_vector is not None:
-                if cosine(last_vector, vector) >= self.settings.synapse_threshold:
-                    record.synapse_prev = last.id
+            threshold = self.settings.synapse_threshold
+            if (
+                last is not None
+                and last_vector is not None
+                and cosine(last_vector, vector) >= threshold
+            ):
+                record.synapse_prev = last.id
             next_seq, last, last_vector = next_seq + 1, record, vector
         outcome = await self.hooks.store(scope, fresh, embeddings)
         if any(f.plugin == self.store.name for f in outcome.failures):
@@ -491,14 +504,17 @@ def _render_and_report(
     sims = {u.hit_id: u.similarity for u in plan.semantic}
     semantic = SectionReport(
         [
-            InjectedMessage(r.id, r.role, r.text, budget.count_message(r.to_message()),
-                            sims.get(r.id))
+            InjectedMessage(
+                r.id, r.role, r.text, budget.count_message(r.to_message()), sims.get(r.id)
+            )
             for unit in plan.semantic
             for r in unit.records
         ]
     )
     recent = SectionReport(
-        [InjectedMessage(r.id, r.role, r.text, budget.count_message(r.to_message()))
-         for r in plan.recent]
+        [
+            InjectedMessage(r.id, r.role, r.text, budget.count_message(r.to_message()))
+            for r in plan.recent
+        ]
     )
     return plan.render(), semantic, recent

@@ -28,7 +28,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 @hookspec
 def reservoir_rewrite_request(
     body: dict[str, Any], scope: Scope
-) -> dict[str, Any] | None | Awaitable[dict[str, Any] | None]:
+) -> dict[str, Any] | Awaitable[dict[str, Any] | None] | None:
     """Rewrite a chat request before it is stored and enriched.
 
     Called once per chat request, in plugin order, each seeing the previous
@@ -40,7 +40,7 @@ def reservoir_rewrite_request(
 @hookspec
 def reservoir_prepare_record(
     record: MessageRecord,
-) -> MessageRecord | Literal[False] | None | Awaitable[MessageRecord | Literal[False] | None]:
+) -> MessageRecord | Literal[False] | Awaitable[MessageRecord | Literal[False] | None] | None:
     """Filter or redact one message before it is stored.
 
     Called for every message about to be stored (request messages, answers,
@@ -54,7 +54,7 @@ def reservoir_prepare_record(
 @hookspec
 def reservoir_store(
     scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
-) -> None | Awaitable[None]:
+) -> Awaitable[None] | None:
     """Persist new messages of one scope.
 
     Called by every plugin, once per batch, with records that are not stored
@@ -67,7 +67,7 @@ def reservoir_store(
 @hookspec
 def reservoir_retrieve(
     query: RetrievalQuery, store: MemoryStore
-) -> list[Candidate] | None | Awaitable[list[Candidate] | None]:
+) -> list[Candidate] | Awaitable[list[Candidate] | None] | None:
     """Propose stored messages for the injected context.
 
     Called on every plugin; each returns candidates for the "semantic" or
@@ -81,7 +81,7 @@ def reservoir_retrieve(
 @hookspec(firstresult=True)
 def reservoir_truncate(
     plan: ContextPlan, budget: TokenBudget
-) -> ContextPlan | None | Awaitable[ContextPlan | None]:
+) -> ContextPlan | Awaitable[ContextPlan | None] | None:
     """Trim a context plan to the token budget.
 
     The first non-None result wins (the built-in truncation is registered
@@ -91,7 +91,7 @@ def reservoir_truncate(
 
 
 @hookspec
-def reservoir_delete(scope: Scope) -> None | Awaitable[None]:
+def reservoir_delete(scope: Scope) -> Awaitable[None] | None:
     """Forget a scope entirely (called by `Reservoir.delete`).
 
     Called on every plugin so that indexes kept beside the store are removed

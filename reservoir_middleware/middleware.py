@@ -112,8 +112,9 @@ class ChatExchange:
             body = await self._read_body(receive)
         except PayloadTooLarge:
             limit = self.settings.max_body_bytes
-            await send_error(send, 413, "payload_too_large",
-                             f"request body exceeds the limit of {limit} bytes")
+            await send_error(
+                send, 413, "payload_too_large", f"request body exceeds the limit of {limit} bytes"
+            )
             return
         if body is None:  # the client went away before sending its request
             return
@@ -132,8 +133,13 @@ class ChatExchange:
             return
         except Exception as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else repr(exc)
-            logger.warning("memory unavailable for %s/%s: %s", self.route.partition,
-                           self.route.instance, reason, exc_info=exc)
+            logger.warning(
+                "memory unavailable for %s/%s: %s",
+                self.route.partition,
+                self.route.instance,
+                reason,
+                exc_info=exc,
+            )
             if not self.settings.fail_open:
                 await send_error(send, 503, "memory_unavailable", f"memory unavailable: {reason}")
                 return
@@ -182,7 +188,8 @@ class ChatExchange:
         scope["path"] = self.route.path
         scope["raw_path"] = self.route.raw_path
         scope["headers"] = [
-            (k, v) for k, v in self.scope.get("headers") or []
+            (k, v)
+            for k, v in self.scope.get("headers") or []
             if k.lower() not in (b"content-length", b"transfer-encoding")
         ] + [(b"content-length", str(len(body)).encode("ascii"))]
         replayed = False

@@ -12,7 +12,7 @@ import inspect
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 import pluggy
@@ -57,17 +57,19 @@ def make_plugin_manager(
     """Built-ins first, then entry points, then plugins passed in code."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    for name in disabled:
-        pm.set_blocked(name)
-    for name, plugin in builtins:
-        pm.register(plugin, name=name)
+    for blocked in disabled:
+        pm.set_blocked(blocked)
+    for builtin_name, builtin in builtins:
+        pm.register(builtin, name=builtin_name)
     if load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for plugin in extra:
-        name = getattr(plugin, "name", None) or getattr(plugin, "__name__", None)
-        if name and pm.is_blocked(str(name)):
+        label = getattr(plugin, "name", None) or getattr(plugin, "__name__", None)
+        plugin_name = str(label) if label else None
+        if plugin_name and pm.is_blocked(plugin_name):
             continue
-        pm.register(plugin, name=str(name) if name and not pm.has_plugin(str(name)) else None)
+        unique = plugin_name if plugin_name and not pm.has_plugin(plugin_name) else None
+        pm.register(plugin, name=unique)
     return pm
 
 
@@ -147,8 +149,12 @@ class Hooks:
         ]
         return outcome
 
-    async def truncate(self, plan: ContextPlan, budget: TokenBudget) -> tuple[ContextPlan | None, Outcome]:
-        outcome = await self._call("reservoir_truncate", {"plan": plan, "budget": budget}, first=True)
+    async def truncate(
+        self, plan: ContextPlan, budget: TokenBudget
+    ) -> tuple[ContextPlan | None, Outcome]:
+        outcome = await self._call(
+            "reservoir_truncate", {"plan": plan, "budget": budget}, first=True
+        )
         for _, result in outcome.results:
             if isinstance(result, ContextPlan):
                 return result, outcome
@@ -164,5 +170,5 @@ class Hooks:
             if plugin is None:  # blocked by name
                 continue
             callers = self.pm.get_hookcallers(plugin) or []
-            rows.append((name, sorted(cast(str, c.name) for c in callers)))
+            rows.append((name, sorted(str(c.name) for c in callers)))
         return rows

@@ -79,7 +79,9 @@ class MessageRecord:
                 f"({c.get('function', {}).get('arguments', '')})"
                 for c in self.tool_calls
             )
-            text = f"{self.text}\n[called tools] {calls}" if self.text else f"[called tools] {calls}"
+            text = (
+                f"{self.text}\n[called tools] {calls}" if self.text else f"[called tools] {calls}"
+            )
             return {"role": "assistant", "content": text}
         message: dict[str, Any] = {"role": self.role, "content": self.text}
         if self.name:
@@ -124,7 +126,8 @@ def canonical_tool_calls(tool_calls: Any) -> list[dict[str, Any]] | None:
     for call in tool_calls:
         if not isinstance(call, dict):
             continue
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        raw_function = call.get("function")
+        function: dict[str, Any] = raw_function if isinstance(raw_function, dict) else {}
         calls.append(
             {
                 "id": call.get("id"),

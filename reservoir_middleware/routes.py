@@ -18,8 +18,12 @@ PARTITION_HEADER = b"x-reservoir-partition"
 INSTANCE_HEADER = b"x-reservoir-instance"
 
 _SCOPED = (
-    re.compile(r"^(?P<prefix>.*?)/v1/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)/chat/completions/?$"),
-    re.compile(r"^(?P<prefix>.*?)/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)/v1/chat/completions/?$"),
+    re.compile(
+        r"^(?P<prefix>.*?)/v1/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)/chat/completions/?$"
+    ),
+    re.compile(
+        r"^(?P<prefix>.*?)/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)/v1/chat/completions/?$"
+    ),
 )
 _PLAIN = re.compile(r"^(?P<prefix>.*?)(?P<tail>/v1/chat/completions|/chat/completions)/?$")
 
@@ -61,9 +65,7 @@ def _decode(kind: str, segment: str) -> str:
     return check_name(kind, raw)
 
 
-def match_chat_route(
-    raw_path: bytes, headers: Iterable[tuple[bytes, bytes]]
-) -> ChatRoute | None:
+def match_chat_route(raw_path: bytes, headers: Iterable[tuple[bytes, bytes]]) -> ChatRoute | None:
     """The chat route of a POST path, or None when memory does not apply.
 
     Raises InvalidName for a memory route whose names are refused.
@@ -73,7 +75,9 @@ def match_chat_route(
         found = pattern.match(path)
         if found:
             rewritten = (found["prefix"] + "/v1/chat/completions").encode("latin-1")
-            return ChatRoute(_decode("partition", found["p"]), _decode("instance", found["i"]), rewritten)
+            return ChatRoute(
+                _decode("partition", found["p"]), _decode("instance", found["i"]), rewritten
+            )
     found = _PLAIN.match(path)
     if not found:
         return None

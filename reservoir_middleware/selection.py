@@ -56,7 +56,9 @@ def fuse(outcome: Sequence[tuple[str, list[Candidate]]]) -> list[Hit]:
 
 
 def recent_window(
-    outcome: Sequence[tuple[str, list[Candidate]]], limit: int, excluded: Callable[[MessageRecord], bool]
+    outcome: Sequence[tuple[str, list[Candidate]]],
+    limit: int,
+    excluded: Callable[[MessageRecord], bool],
 ) -> list[MessageRecord]:
     """The last `limit` messages proposed for the recent section, oldest first."""
     records: dict[str, MessageRecord] = {}
@@ -108,7 +110,8 @@ def build_units(
             members[after.id] = after
             linked += 1
         kept = [
-            m for m in members.values()
+            m
+            for m in members.values()
             if m.id not in used and (m.id == record.id or not excluded(m))
         ]
         used.update(m.id for m in kept)

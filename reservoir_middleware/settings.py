@@ -53,25 +53,25 @@ class ReservoirSettings(BaseSettings):
     embedding_api_key: str | None = None
 
     # enrichment
-    semantic_context_size: int = Field(7, ge=0, le=200)
-    recent_context_size: int = Field(15, ge=0, le=500)
-    min_similarity: float = Field(0.2, ge=-1.0, le=1.0)
+    semantic_context_size: int = Field(default=7, ge=0, le=200)
+    recent_context_size: int = Field(default=15, ge=0, le=500)
+    min_similarity: float = Field(default=0.2, ge=-1.0, le=1.0)
     semantic_scope: Literal["instance", "partition"] = "instance"
-    synapse_threshold: float = Field(0.85, ge=0.0, le=1.0)
-    synapse_neighbours: int = Field(2, ge=0, le=20)
+    synapse_threshold: float = Field(default=0.85, ge=0.0, le=1.0)
+    synapse_neighbours: int = Field(default=2, ge=0, le=20)
     pair_answers: bool = True
     merge_system_messages: bool = False
 
     # token budget
-    context_token_budget: int | None = Field(2000, ge=0)
+    context_token_budget: int | None = Field(default=2000, ge=0)
     model_limits: dict[str, int] = Field(default_factory=dict)
-    default_context_window: int = Field(8192, ge=256)
-    default_output_reserve: int = Field(1024, ge=0)
+    default_context_window: int = Field(default=8192, ge=256)
+    default_output_reserve: int = Field(default=1024, ge=0)
 
     # traffic
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     fail_open: bool = True
-    memory_timeout_ms: int = Field(5000, ge=1)
+    memory_timeout_ms: int = Field(default=5000, ge=1)
     disable_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     load_entry_points: bool = True
 
@@ -91,8 +91,10 @@ class ReservoirSettings(BaseSettings):
             return value.strip()
         if callable(value):
             return value
-        raise ValueError("embedding must be a name such as 'minilm', 'openai:MODEL', "
-                         "'ollama:MODEL', 'chroma-default', or an EmbeddingFunction")
+        raise ValueError(
+            "embedding must be a name such as 'minilm', 'openai:MODEL', "
+            "'ollama:MODEL', 'chroma-default', or an EmbeddingFunction"
+        )
 
     @field_validator("chroma_url", "embedding_url", mode="before")
     @classmethod

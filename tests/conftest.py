@@ -64,10 +64,16 @@ class Gateway:
         return f"{self.url}/v1/partition/{partition}/instance/{instance}"
 
     async def chat(
-        self, messages: list[dict[str, Any]], partition: str = "p", instance: str = "i", **extra: Any
+        self,
+        messages: list[dict[str, Any]],
+        partition: str = "p",
+        instance: str = "i",
+        **extra: Any,
     ) -> httpx.Response:
         body = {"model": "gpt-4o", "messages": messages, **extra}
-        response = await self.http.post(f"{self.base(partition, instance)}/chat/completions", json=body)
+        response = await self.http.post(
+            f"{self.base(partition, instance)}/chat/completions", json=body
+        )
         await self.reservoir.settle()
         return response
 
@@ -83,7 +89,9 @@ GatewayFactory = Callable[..., contextlib.AbstractAsyncContextManager[Gateway]]
 def gateway_factory(tmp_path: Path) -> GatewayFactory:
     @contextlib.asynccontextmanager
     async def factory(
-        settings: ReservoirSettings | None = None, plugins: tuple[object, ...] = (), **overrides: Any
+        settings: ReservoirSettings | None = None,
+        plugins: tuple[object, ...] = (),
+        **overrides: Any,
     ) -> AsyncIterator[Gateway]:
         upstream = Upstream()
         reservoir = Reservoir(settings or make_settings(tmp_path, **overrides), plugins)

@@ -32,10 +32,12 @@ async def test_too_long_message_gets_a_length_reply_and_nothing_stored(
             choice = reply.choices[0]
             assert choice.finish_reason == "length"
             assert choice.message.content is not None
-            assert choice.message.content.startswith("Your last message is too long. It contains "
-                                                      "approximately ")
+            assert choice.message.content.startswith(
+                "Your last message is too long. It contains approximately "
+            )
             assert "exceeds the maximum limit of 750. Please shorten your message." in (
-                choice.message.content)
+                choice.message.content
+            )
             stream = await ai.chat.completions.create(
                 model="tiny", stream=True, messages=[{"role": "user", "content": long_text}]
             )
@@ -52,15 +54,21 @@ async def test_truncation_keeps_system_and_last_message_under_a_small_limit(
 ) -> None:
     async with gateway_factory(model_limits=TINY) as gw:
         for n in range(12):
-            await gw.reservoir.add("p", "i", [
-                {"role": "user", "content": f"Memory number {n}: {SENTENCE}"},
-                {"role": "assistant", "content": f"Noted fact {n}."},
-            ])
+            await gw.reservoir.add(
+                "p",
+                "i",
+                [
+                    {"role": "user", "content": f"Memory number {n}: {SENTENCE}"},
+                    {"role": "assistant", "content": f"Noted fact {n}."},
+                ],
+            )
         system = {"role": "system", "content": "You are a careful assistant."}
         turns: list[dict[str, Any]] = []
         for n in range(10):
-            turns += [{"role": "user", "content": f"Old question {n}: {SENTENCE * 4}"},
-                      {"role": "assistant", "content": f"Old answer {n}."}]
+            turns += [
+                {"role": "user", "content": f"Old question {n}: {SENTENCE * 4}"},
+                {"role": "assistant", "content": f"Old answer {n}."},
+            ]
         last = {"role": "user", "content": "And what about the fox?"}
         response = await gw.chat([system, *turns, last], model="tiny")
         assert response.status_code == 200
@@ -70,7 +78,7 @@ async def test_truncation_keeps_system_and_last_message_under_a_small_limit(
         # the client's own turns were needed, so every memory message went first
         assert all(m["content"] not in (SEMANTIC_NOTE, RECENT_NOTE) for m in sent)
         kept = sent[1:-1]
-        assert kept and kept == turns[-len(kept):]  # the newest turns survive
+        assert kept and kept == turns[-len(kept) :]  # the newest turns survive
 
         # with a short request, memory fits partly: recent first, then the best semantic
         before = [r.text for r in await gw.reservoir.recent("p", "i", limit=15)]
@@ -82,7 +90,7 @@ async def test_truncation_keeps_system_and_last_message_under_a_small_limit(
         assert RECENT_NOTE in contents
         recent = contents[contents.index(RECENT_NOTE) + 1 : -1]
         window = [text for text in before if text != last["content"]]
-        assert recent == window[-len(recent):]  # oldest recent messages dropped first
+        assert recent == window[-len(recent) :]  # oldest recent messages dropped first
         if SEMANTIC_NOTE in contents:  # semantic memory only survives if the window is whole
             assert recent == window
 
@@ -94,21 +102,28 @@ async def test_context_token_budget_caps_injected_memory(tmp_path: Path) -> None
     for n in range(20):
         await reservoir.add("p", "i", [{"role": "user", "content": f"Fact {n}: {SENTENCE}"}])
     result = await reservoir.enrich(
-        "p", "i", {"model": "gpt-4o", "messages": [{"role": "user", "content": "fox?"}]},
+        "p",
+        "i",
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "fox?"}]},
         store=False,
     )
     notes = sum(1 for m in result.body["messages"] if m["content"] in (SEMANTIC_NOTE, RECENT_NOTE))
     injected = result.semantic.tokens + result.recent.tokens
-    assert 0 < injected and injected + notes * 20 <= 120 + 40
+    assert injected > 0 and injected + notes * 20 <= 120 + 40
     assert len(result.body["messages"]) - 1 - notes == len(result.semantic.messages) + len(
-        result.recent.messages)
+        result.recent.messages
+    )
 
 
 async def test_merge_into_one_system_message(gateway_factory: GatewayFactory) -> None:
     async with gateway_factory(merge_system_messages=True) as gw:
         await gw.chat([{"role": "user", "content": "I live in a lighthouse."}])
-        await gw.chat([{"role": "system", "content": "Be brief."},
-                       {"role": "user", "content": "Where do I live?"}])
+        await gw.chat(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Where do I live?"},
+            ]
+        )
         sent = gw.upstream.received[-1].messages
         assert [m["role"] for m in sent] == ["system", "user"]
         assert sent[0]["content"].startswith("Be brief.")
@@ -119,19 +134,38 @@ async def test_merge_into_one_system_message(gateway_factory: GatewayFactory) ->
 @pytest.mark.parametrize(
     ("path", "headers", "scope", "seen"),
     [
-        ("/partition/old/instance/shape/v1/chat/completions", {}, ("old", "shape"),
-         "/v1/chat/completions"),
-        ("/v1/chat/completions", {"X-Reservoir-Partition": "team", "X-Reservoir-Instance": "bob"},
-         ("team", "bob"), "/v1/chat/completions"),
+        (
+            "/partition/old/instance/shape/v1/chat/completions",
+            {},
+            ("old", "shape"),
+            "/v1/chat/completions",
+        ),
+        (
+            "/v1/chat/completions",
+            {"X-Reservoir-Partition": "team", "X-Reservoir-Instance": "bob"},
+            ("team", "bob"),
+            "/v1/chat/completions",
+        ),
         ("/chat/completions", {}, ("default", "default"), "/chat/completions"),
-        ("/api/v1/partition/p/instance/i/chat/completions", {}, ("p", "i"),
-         "/api/v1/chat/completions"),
-        ("/v1/partition/a%2Fb/instance/%C3%A9t%C3%A9/chat/completions", {}, ("a/b", "été"),
-         "/v1/chat/completions"),
+        (
+            "/api/v1/partition/p/instance/i/chat/completions",
+            {},
+            ("p", "i"),
+            "/api/v1/chat/completions",
+        ),
+        (
+            "/v1/partition/a%2Fb/instance/%C3%A9t%C3%A9/chat/completions",
+            {},
+            ("a/b", "été"),
+            "/v1/chat/completions",
+        ),
     ],
 )
 async def test_route_shapes(
-    gateway_factory: GatewayFactory, path: str, headers: dict[str, str], scope: tuple[str, str],
+    gateway_factory: GatewayFactory,
+    path: str,
+    headers: dict[str, str],
+    scope: tuple[str, str],
     seen: str,
 ) -> None:
     async with gateway_factory() as gw:
@@ -146,8 +180,9 @@ async def test_route_shapes(
 async def test_invalid_names_are_refused(gateway_factory: GatewayFactory, bad: str) -> None:
     async with gateway_factory() as gw:
         body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-        response = await gw.http.post(f"{gw.url}/v1/partition/{bad}/instance/i/chat/completions",
-                                      json=body)
+        response = await gw.http.post(
+            f"{gw.url}/v1/partition/{bad}/instance/i/chat/completions", json=body
+        )
         assert response.status_code == 400
         assert response.json()["error"]["type"] == "invalid_request"
         assert gw.upstream.received == []
@@ -173,8 +208,9 @@ async def test_fail_open_with_a_broken_store(
     assert any(r.name == "reservoir" and r.levelno >= logging.WARNING for r in caplog.records)
 
 
-async def test_fail_open_with_a_dead_chroma_server(gateway_factory: GatewayFactory,
-                                                   tmp_path: Path) -> None:
+async def test_fail_open_with_a_dead_chroma_server(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
     settings = make_settings(tmp_path, chroma_url="http://127.0.0.1:9")
     async with gateway_factory(settings=settings) as gw:
         response = await gw.chat([{"role": "user", "content": "hello"}], stream=True)
@@ -209,8 +245,10 @@ async def test_failing_plugin_is_skipped_and_logged(
         assert response.status_code == 200
         assert response.headers["x-reservoir-status"] == "degraded"
         assert "vintage postcards" in gw.upstream.received[-1].text  # built-ins still worked
-    assert any("broken-retrieval" in r.getMessage() and "index corrupted" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "broken-retrieval" in r.getMessage() and "index corrupted" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 class SlowRetrieval:

@@ -54,13 +54,25 @@ async def test_enrich_injects_the_hit_with_its_answer_and_reports_it(reservoir: 
     hit = next(m for m in result.semantic.messages if m.text == CONVERSATION[4][1])
     assert hit.similarity is not None and hit.similarity > 0.3
     assert all(m.tokens > 0 for m in result.semantic.messages)
-    assert result.body["messages"][-1] == {"role": "user", "content": "Which race am I preparing for?"}
-    assert await reservoir.recent("p", "i", limit=100) == await reservoir.recent("p", "i")  # no write
+    assert result.body["messages"][-1] == {
+        "role": "user",
+        "content": "Which race am I preparing for?",
+    }
+    assert await reservoir.recent("p", "i", limit=100) == await reservoir.recent(
+        "p", "i"
+    )  # no write
 
 
 async def test_min_similarity_and_semantic_size(tmp_path: Path) -> None:
-    engine = Reservoir(make_settings(tmp_path, recent_context_size=0, semantic_context_size=1,
-                                     pair_answers=False, synapse_neighbours=0))
+    engine = Reservoir(
+        make_settings(
+            tmp_path,
+            recent_context_size=0,
+            semantic_context_size=1,
+            pair_answers=False,
+            synapse_neighbours=0,
+        )
+    )
     await engine.add("p", "i", [{"role": r, "content": t} for r, t in CONVERSATION])
     result = await engine.enrich("p", "i", chat("greyhound"), store=False)
     assert [m.text for m in result.semantic.messages] == [CONVERSATION[0][1]]
@@ -71,12 +83,19 @@ async def test_min_similarity_and_semantic_size(tmp_path: Path) -> None:
 
 async def test_content_chained_ids(tmp_path: Path) -> None:
     engine = Reservoir(make_settings(tmp_path))
-    first = await engine.add("p", "i", [{"role": "user", "content": "Hi"},
-                                        {"role": "assistant", "content": "ok"}])
-    again = await engine.add("p", "i", [{"role": "user", "content": "Hi"},
-                                        {"role": "assistant", "content": "ok"},
-                                        {"role": "user", "content": "Thanks"},
-                                        {"role": "assistant", "content": "ok"}])
+    first = await engine.add(
+        "p", "i", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]
+    )
+    again = await engine.add(
+        "p",
+        "i",
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "ok"},
+        ],
+    )
     assert len(first) == 2 and len(again) == 2  # history re-sent: only the new pair
     other_scope = await engine.add("p", "j", [{"role": "user", "content": "Hi"}])
     assert other_scope[0] not in first
@@ -87,11 +106,18 @@ async def test_content_chained_ids(tmp_path: Path) -> None:
 
 async def test_synapses_link_consecutive_similar_messages(tmp_path: Path) -> None:
     engine = Reservoir(make_settings(tmp_path, recent_context_size=0, pair_answers=False))
-    await engine.add("p", "i", [
-        {"role": "user", "content": "The quarterly budget review meeting is on Friday at 10."},
-        {"role": "user", "content": "The quarterly budget review meeting is on Friday at 10am."},
-        {"role": "user", "content": "Penguins live mostly in the southern hemisphere."},
-    ])
+    await engine.add(
+        "p",
+        "i",
+        [
+            {"role": "user", "content": "The quarterly budget review meeting is on Friday at 10."},
+            {
+                "role": "user",
+                "content": "The quarterly budget review meeting is on Friday at 10am.",
+            },
+            {"role": "user", "content": "Penguins live mostly in the southern hemisphere."},
+        ],
+    )
     stored = await engine.recent("p", "i")
     assert stored[1].synapse_prev == stored[0].id
     assert stored[2].synapse_prev is None
@@ -154,13 +180,18 @@ class Tagger:
     @hookimpl
     def reservoir_rewrite_request(self, body: dict[str, Any], scope: Scope) -> dict[str, Any]:
         self.seen.append(str(scope))
-        return {**body, "messages": [*body["messages"][:-1],
-                                     {"role": "user", "content": body["messages"][-1]["content"]
-                                      + " (tagged)"}]}
+        return {
+            **body,
+            "messages": [
+                *body["messages"][:-1],
+                {"role": "user", "content": body["messages"][-1]["content"] + " (tagged)"},
+            ],
+        }
 
     @hookimpl
-    async def reservoir_store(self, scope: Scope, records: list[MessageRecord],
-                              embeddings: list[list[float]]) -> None:
+    async def reservoir_store(
+        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+    ) -> None:
         self.stored.extend(len(e) for e in embeddings)
 
     @hookimpl
@@ -190,11 +221,24 @@ async def test_plugins_given_in_code_take_part(tmp_path: Path) -> None:
     assert tagger.stored == [384]
     await engine.add("p", "i", [{"role": "user", "content": "DROP this one"}])
     assert len(await engine.recent("p", "i")) == 1
-    minimal = await engine.enrich("p", "i", {"model": "minimal", "messages": [
-        {"role": "system", "content": "s"}, {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}, store=False)
-    assert minimal.body["messages"] == [{"role": "system", "content": "s"},
-                                        {"role": "user", "content": "c (tagged)"}]
+    minimal = await engine.enrich(
+        "p",
+        "i",
+        {
+            "model": "minimal",
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ],
+        },
+        store=False,
+    )
+    assert minimal.body["messages"] == [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "c (tagged)"},
+    ]
     await engine.delete("p", "i")
     assert tagger.deleted == [Scope("p", "i")]
 
@@ -210,9 +254,14 @@ async def test_disabled_plugins_are_blocked(tmp_path: Path) -> None:
 
 def test_every_hook_is_documented() -> None:
     hooks = documented_hooks()
-    assert set(hooks) == {"reservoir_rewrite_request", "reservoir_prepare_record",
-                          "reservoir_store", "reservoir_retrieve", "reservoir_truncate",
-                          "reservoir_delete"}
+    assert set(hooks) == {
+        "reservoir_rewrite_request",
+        "reservoir_prepare_record",
+        "reservoir_store",
+        "reservoir_retrieve",
+        "reservoir_truncate",
+        "reservoir_delete",
+    }
     for name, doc in hooks.items():
         assert "Return" in doc or "return" in doc, name
         assert "None" in doc or "ignored" in doc, name
@@ -220,7 +269,7 @@ def test_every_hook_is_documented() -> None:
 
 def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "reservoir.toml"
-    config.write_text('recent_context_size = 3\nsemantic_context_size = 4\nmin_similarity = 0.5\n')
+    config.write_text("recent_context_size = 3\nsemantic_context_size = 4\nmin_similarity = 0.5\n")
     monkeypatch.setenv("RSV_CONFIG_FILE", str(config))
     monkeypatch.setenv("RSV_SEMANTIC_CONTEXT_SIZE", "5")
     monkeypatch.setenv("RSV_DISABLE_PLUGINS", "a,b")

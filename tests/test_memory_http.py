@@ -31,19 +31,24 @@ FILLER = [
 @pytest.fixture
 async def ai(gateway: Gateway) -> AsyncIterator[AsyncOpenAI]:
     """The official client, pointed at a memory base URL."""
-    async with AsyncOpenAI(base_url=gateway.base(), api_key="sk-test", max_retries=0,
-                           timeout=30) as openai_client:
+    async with AsyncOpenAI(
+        base_url=gateway.base(), api_key="sk-test", max_retries=0, timeout=30
+    ) as openai_client:
         yield openai_client
 
 
-async def test_openai_client_memory_recalled_without_history(gateway: Gateway, ai: AsyncOpenAI) -> None:
+async def test_openai_client_memory_recalled_without_history(
+    gateway: Gateway, ai: AsyncOpenAI
+) -> None:
     """A fact told once comes back semantically after many unrelated turns."""
     first = await ai.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": DOG}]
     )
     assert first.choices[0].message.content == f"Echo: {DOG}"
     for line in FILLER:  # push the fact out of the 15-message recent window
-        await ai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": line}])
+        await ai.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": line}]
+        )
     await gateway.reservoir.settle()
     await ai.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "What is the name of my dog?"}]
@@ -96,7 +101,11 @@ async def test_stream_split_at_awkward_boundaries_is_recorded(gateway: Gateway) 
     async with gateway.http.stream(
         "POST",
         f"{gateway.base()}/chat/completions",
-        json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "Dessert?"}]},
+        json={
+            "model": "gpt-4o",
+            "stream": True,
+            "messages": [{"role": "user", "content": "Dessert?"}],
+        },
     ) as response:
         received = b"".join([chunk async for chunk in response.aiter_raw()])
     assert response.status_code == 200
@@ -109,8 +118,11 @@ async def test_first_chunk_reaches_client_before_upstream_sends_second(gateway: 
     import asyncio
 
     gate = asyncio.Event()
-    chunks = [sse({"choices": [{"index": 0, "delta": {"content": "first"}}]}),
-              sse({"choices": [{"index": 0, "delta": {"content": " second"}}]}), sse("[DONE]")]
+    chunks = [
+        sse({"choices": [{"index": 0, "delta": {"content": "first"}}]}),
+        sse({"choices": [{"index": 0, "delta": {"content": " second"}}]}),
+        sse("[DONE]"),
+    ]
     gateway.upstream.replies.append(Reply(raw=chunks, gate=gate))
     async with gateway.http.stream(
         "POST",
@@ -134,30 +146,49 @@ async def test_tool_calls_recorded_from_stream_and_json(gateway: Gateway, ai: As
     def delta(d: dict[str, object], finish: str | None = None) -> bytes:
         return sse({**base, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]})
 
-    call = {"index": 0, "id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": ""}}
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
     raw = [delta({"role": "assistant", "tool_calls": [call]})]
     for piece in ['{"ci', 'ty": "Pa', 'ris"}']:
         raw.append(delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
     raw += [delta({}, "tool_calls"), sse("[DONE]")]
     gateway.upstream.replies.append(Reply(raw=raw))
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ]
     stream = await ai.chat.completions.create(
-        model="gpt-4o", stream=True, tools=tools,  # type: ignore[arg-type]
+        model="gpt-4o",
+        stream=True,
+        tools=tools,  # type: ignore[arg-type]
         messages=[{"role": "user", "content": "Weather in Paris?"}],
     )
     _ = [c async for c in stream]
     stored = await gateway.stored()
     answer = stored[-1]
     assert answer.role == "assistant" and answer.finish_reason == "tool_calls"
-    assert answer.tool_calls == [{"id": "call_1", "type": "function",
-                                  "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    assert answer.tool_calls == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        }
+    ]
 
-    json_calls = [{"id": "call_2", "type": "function",
-                   "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}]
+    json_calls = [
+        {
+            "id": "call_2",
+            "type": "function",
+            "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+        }
+    ]
     gateway.upstream.replies.append(Reply(tool_calls=json_calls))
     result = await ai.chat.completions.create(
-        model="gpt-4o", tools=tools,  # type: ignore[arg-type]
+        model="gpt-4o",
+        tools=tools,  # type: ignore[arg-type]
         messages=[{"role": "user", "content": "Time in Paris?"}],
     )
     assert result.choices[0].message.tool_calls is not None
@@ -186,9 +217,7 @@ async def test_stateless_client_repeating_itself_keeps_each_turn(gateway: Gatewa
     assert [r.text for r in stored if r.role == "user"] == ["yes", "Are you sure?", "yes"]
 
 
-@pytest.mark.parametrize(
-    ("partition", "instance"), [("other", "i"), ("p", "other"), ("P", "i")]
-)
+@pytest.mark.parametrize(("partition", "instance"), [("other", "i"), ("p", "other"), ("P", "i")])
 async def test_isolation_between_partitions_and_instances(
     gateway: Gateway, partition: str, instance: str
 ) -> None:
@@ -198,7 +227,8 @@ async def test_isolation_between_partitions_and_instances(
     assert "Biscuit" not in leaked.text
     assert leaked.messages == [{"role": "user", "content": "What is my dog called?"}]
     assert [r.text for r in await gateway.stored(partition, instance)] == [
-        "What is my dog called?", "Echo: What is my dog called?"
+        "What is my dog called?",
+        "Echo: What is my dog called?",
     ]
 
 
@@ -207,8 +237,15 @@ async def test_every_other_field_reaches_the_app_unchanged(gateway: Gateway) -> 
     body = {
         "model": "gpt-4o",
         "messages": [{"role": "user", "content": "Where does my dog swim?"}],
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
-                   "properties": {"x": {"type": "integer"}}}}}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}},
+                },
+            }
+        ],
         "tool_choice": "auto",
         "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {}}},
         "seed": 12345678901234567890,
@@ -234,8 +271,9 @@ async def test_other_routes_and_methods_pass_through(gateway: Gateway) -> None:
     models = await http.get(f"{url}/v1/models")
     assert models.json()["data"][0]["id"] == "gpt-4o"
     raw = b'{"input": "not a chat", "model": "e"}'
-    emb = await http.post(f"{url}/v1/embeddings", content=raw,
-                          headers={"content-type": "application/json"})
+    emb = await http.post(
+        f"{url}/v1/embeddings", content=raw, headers={"content-type": "application/json"}
+    )
     assert emb.content == raw and gateway.upstream.received[-1].body == raw
     get = await http.get(f"{gateway.base()}/chat/completions")
     assert get.headers["x-method"] == "GET"
@@ -252,10 +290,18 @@ async def test_other_routes_and_methods_pass_through(gateway: Gateway) -> None:
 
 
 async def test_bad_json_and_non_chat_bodies_pass_through(gateway: Gateway) -> None:
-    for raw in [b'{"model": "gpt-4o", "messages": [', b"\xff\xfe", b'{"model": "m"}',
-                b'{"messages": "hi"}', b"[]"]:
-        response = await gateway.http.post(f"{gateway.base()}/chat/completions", content=raw,
-                                           headers={"content-type": "application/json"})
+    for raw in [
+        b'{"model": "gpt-4o", "messages": [',
+        b"\xff\xfe",
+        b'{"model": "m"}',
+        b'{"messages": "hi"}',
+        b"[]",
+    ]:
+        response = await gateway.http.post(
+            f"{gateway.base()}/chat/completions",
+            content=raw,
+            headers={"content-type": "application/json"},
+        )
         assert response.status_code == 400
         assert response.json()["error"]["message"] == "upstream: invalid JSON body"
         assert gateway.upstream.received[-1].body == raw
@@ -284,31 +330,43 @@ async def test_upstream_error_and_error_event_store_no_answer(gateway: Gateway) 
     gateway.upstream.replies.append(Reply(status=500))
     failed = await gateway.chat([{"role": "user", "content": "first question"}])
     assert failed.status_code == 500
-    err = [sse({"choices": [{"index": 0, "delta": {"content": "partial"}}]}),
-           sse({"error": {"message": "rate limited", "type": "rate_limit"}})]
+    err = [
+        sse({"choices": [{"index": 0, "delta": {"content": "partial"}}]}),
+        sse({"error": {"message": "rate limited", "type": "rate_limit"}}),
+    ]
     gateway.upstream.replies.append(Reply(raw=err))
     streamed = await gateway.chat([{"role": "user", "content": "second question"}], stream=True)
     assert streamed.status_code == 200
     stored = await gateway.stored()
-    assert [(r.role, r.text) for r in stored] == [("user", "first question"),
-                                                  ("user", "second question")]
+    assert [(r.role, r.text) for r in stored] == [
+        ("user", "first question"),
+        ("user", "second question"),
+    ]
 
 
 async def test_client_disconnect_stores_partial_answer(gateway: Gateway) -> None:
     import asyncio
 
     gate = asyncio.Event()
-    chunks = [sse({"choices": [{"index": 0, "delta": {"content": "The beginning"}}]}),
-              sse({"choices": [{"index": 0, "delta": {"content": " and the rest"}}]})]
+    chunks = [
+        sse({"choices": [{"index": 0, "delta": {"content": "The beginning"}}]}),
+        sse({"choices": [{"index": 0, "delta": {"content": " and the rest"}}]}),
+    ]
     gateway.upstream.replies.append(Reply(raw=chunks, gate=gate))
-    async with httpx.AsyncClient(timeout=10) as own:
-        async with own.stream(
-            "POST", f"{gateway.base()}/chat/completions",
-            json={"model": "gpt-4o", "stream": True,
-                  "messages": [{"role": "user", "content": "tell me a long story"}]},
-        ) as response:
-            first = await response.aiter_raw().__anext__()
-            assert b"The beginning" in first
+    async with (
+        httpx.AsyncClient(timeout=10) as own,
+        own.stream(
+            "POST",
+            f"{gateway.base()}/chat/completions",
+            json={
+                "model": "gpt-4o",
+                "stream": True,
+                "messages": [{"role": "user", "content": "tell me a long story"}],
+            },
+        ) as response,
+    ):
+        first = await response.aiter_raw().__anext__()
+        assert b"The beginning" in first
         # leaving the block closes the connection mid-stream
     for _ in range(100):
         stored = await gateway.stored()

@@ -67,8 +67,11 @@ class Upstream:
                 Route("/api/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/embeddings", self.echo_raw, methods=["POST"]),
-                Route("/v1/partition/{p}/instance/{i}/chat/completions", self.echo_raw,
-                      methods=["GET", "DELETE"]),
+                Route(
+                    "/v1/partition/{p}/instance/{i}/chat/completions",
+                    self.echo_raw,
+                    methods=["GET", "DELETE"],
+                ),
                 WebSocketRoute("/ws", self.websocket),
             ]
         )
@@ -79,8 +82,11 @@ class Upstream:
     async def echo_raw(self, request: Request) -> Response:
         body = await request.body()
         self.received.append(Received(request.url.path, body, dict(request.headers)))
-        return Response(body, media_type=request.headers.get("content-type"),
-                        headers={"x-method": request.method})
+        return Response(
+            body,
+            media_type=request.headers.get("content-type"),
+            headers={"x-method": request.method},
+        )
 
     async def websocket(self, ws: WebSocket) -> None:
         await ws.accept()
@@ -98,21 +104,31 @@ class Upstream:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             return JSONResponse(
-                {"error": {"message": "upstream: invalid JSON body", "type": "invalid_request_error"}},
+                {
+                    "error": {
+                        "message": "upstream: invalid JSON body",
+                        "type": "invalid_request_error",
+                    }
+                },
                 status_code=400,
             )
         reply = self.replies.popleft() if self.replies else Reply()
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.status >= 400:
-            return JSONResponse({"error": {"message": "upstream failure", "type": "server_error"}},
-                                status_code=reply.status)
+            return JSONResponse(
+                {"error": {"message": "upstream failure", "type": "server_error"}},
+                status_code=reply.status,
+            )
         last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
-        content = reply.content if reply.content is not None else f"Echo: {last_user.get('content')}"
+        content = (
+            reply.content if reply.content is not None else f"Echo: {last_user.get('content')}"
+        )
         model = payload.get("model", "gpt-4o")
         if reply.raw is not None or payload.get("stream"):
-            return StreamingResponse(self._stream(reply, model, content),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(reply, model, content), media_type="text/event-stream"
+            )
         if payload.get("x_plain_text"):
             return PlainTextResponse(content)
         message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -124,8 +140,13 @@ class Upstream:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
-                "choices": [{"index": 0, "message": message,
-                             "finish_reason": "tool_calls" if reply.tool_calls else "stop"}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "finish_reason": "tool_calls" if reply.tool_calls else "stop",
+                    }
+                ],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
             }
         )
@@ -145,7 +166,12 @@ def sse(payload: Any) -> bytes:
 
 def stream_chunks(model: str, content: str, pieces: int = 4) -> list[bytes]:
     """An OpenAI-style stream: role chunk, content deltas, finish, [DONE]."""
-    base = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0, "model": model}
+    base = {
+        "id": "chatcmpl-standin",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+    }
     size = max(1, len(content) // pieces + 1)
     parts = [content[i : i + size] for i in range(0, len(content), size)]
     out = [sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]

@@ -8,6 +8,7 @@ real names sit in the collection metadata.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -29,7 +30,10 @@ _RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
 
 
 def collection_name(scope: Scope) -> str:
-    return COLLECTION_PREFIX + hashlib.sha256(scope.key.encode("utf-8", "surrogatepass")).hexdigest()[:48]
+    return (
+        COLLECTION_PREFIX
+        + hashlib.sha256(scope.key.encode("utf-8", "surrogatepass")).hexdigest()[:48]
+    )
 
 
 def _metadata(record: MessageRecord) -> dict[str, Any]:
@@ -141,6 +145,7 @@ class ChromaStore:
         if not records:
             return
         col = self.collection(scope, create=True)
+        assert col is not None
         col.upsert(
             ids=[r.id for r in records],
             embeddings=embeddings,
@@ -152,10 +157,8 @@ class ChromaStore:
     def reservoir_delete(self, scope: Scope) -> None:
         name = collection_name(scope)
         self._collections.pop(name, None)
-        try:
+        with contextlib.suppress(NotFoundError):
             self.client.delete_collection(name)
-        except NotFoundError:
-            pass
 
     # -- reads -----------------------------------------------------------------
 
@@ -174,7 +177,10 @@ class ChromaStore:
         return [
             (_record(i, d, m), 1.0 - float(dist))
             for i, d, m, dist in zip(
-                ids, result["documents"][0], result["metadatas"][0], result["distances"][0],
+                ids,
+                result["documents"][0],
+                result["metadatas"][0],
+                result["distances"][0],
                 strict=True,
             )
         ]
@@ -184,9 +190,7 @@ class ChromaStore:
         if col is None or limit <= 0:
             return []
         total = col.count()
-        result = col.get(
-            where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"]
-        )
+        result = col.get(where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"])
         return _records(result)[-limit:]
 
     def get(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
@@ -216,8 +220,9 @@ class ChromaStore:
             return []
         clauses: list[dict[str, Any]] = [{"$contains": t} for t in terms]
         where_document = clauses[0] if len(clauses) == 1 else {"$or": clauses}
-        result = col.get(where_document=where_document, limit=limit,
-                         include=["documents", "metadatas"])
+        result = col.get(
+            where_document=where_document, limit=limit, include=["documents", "metadatas"]
+        )
         return _records(result)
 
     def tail(self, scope: Scope) -> tuple[int, MessageRecord | None, list[float] | None]:
