@@ -24,14 +24,13 @@ from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from .builtins.truncation import BudgetTruncation
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
 from .embeddings import make_embedding_function
+from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
 from .records import MessageRecord, Scope, chained_id, content_text
 from .search import keyword_search
 from .selection import build_units, fuse, neighbour_seqs, recent_window
 from .settings import ReservoirSettings
 from .tokens import ModelLimits, count_message, count_messages
-
-logger = logging.getLogger("reservoir")
 
 STORED_ROLES = ("user", "assistant", "tool")
 
@@ -370,8 +369,13 @@ class Reservoir:
             pending.discard(t)
             if not pending:
                 self._pending.pop(scope.key, None)
-            if not t.cancelled() and t.exception() is not None:
-                logger.error("storing memory of %s failed", scope, exc_info=t.exception())
+            error = None if t.cancelled() else t.exception()
+            if error is not None:
+                log_failure(
+                    "storing memory failed; these messages are not remembered",
+                    error,
+                    level=logging.ERROR,
+                )
 
         task.add_done_callback(done)
         return task

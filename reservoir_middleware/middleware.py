@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .answer import JsonAssembler, StreamAssembler, make_assembler
 from .engine import Enrichment, InvalidChatRequest, Reservoir
+from .logs import log_failure
 from .replies import STATUS_HEADER, TRACE_HEADER, send_error, send_too_long
 from .routes import ChatRoute, InvalidName, match_chat_route
 from .settings import ReservoirSettings
@@ -78,7 +79,7 @@ class ReservoirMiddleware:
 
 def _log_warm_up(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("reservoir warm-up failed", exc_info=task.exception())
+        log_failure("reservoir warm-up failed", task.exception())  # type: ignore[arg-type]
 
 
 class PayloadTooLarge(Exception):
@@ -133,13 +134,7 @@ class ChatExchange:
             return
         except Exception as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else repr(exc)
-            logger.warning(
-                "memory unavailable for %s/%s: %s",
-                self.route.partition,
-                self.route.instance,
-                reason,
-                exc_info=exc,
-            )
+            log_failure("memory unavailable, request forwarded un-enriched", exc)
             if not self.settings.fail_open:
                 await send_error(send, 503, "memory_unavailable", f"memory unavailable: {reason}")
                 return

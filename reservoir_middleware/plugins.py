@@ -9,7 +9,6 @@ with its plugin name and collected, and the others still run.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,12 +18,12 @@ import pluggy
 
 from . import hookspecs
 from .context import Candidate, ContextPlan, RetrievalQuery, TokenBudget
+from .logs import log_failure
 from .records import MessageRecord, Scope
 
 if TYPE_CHECKING:
     from .store import MemoryStore
 
-logger = logging.getLogger("reservoir")
 
 ENTRY_POINT_GROUP = "reservoir"
 
@@ -91,7 +90,7 @@ class Hooks:
             return result
         except Exception as exc:  # a plugin must not break traffic
             failure = PluginFailure(impl.plugin_name, hook, exc)
-            logger.warning("%s", failure, exc_info=exc)
+            log_failure(f"plugin {impl.plugin_name!r} failed in {hook}", exc)
             outcome.failures.append(failure)
             return None
 

@@ -283,3 +283,19 @@ def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert ReservoirSettings().context_token_budget == 2000  # default
     with pytest.raises(ValueError, match="semantic_scope"):
         ReservoirSettings(semantic_scope="everything")
+
+
+async def test_partition_semantic_scope_searches_sibling_instances_only(tmp_path: Path) -> None:
+    engine = Reservoir(make_settings(tmp_path, semantic_scope="partition", recent_context_size=0))
+    await engine.add(
+        "team", "laptop", [{"role": "user", "content": "The wifi password is on the fridge."}]
+    )
+    await engine.add(
+        "other", "laptop", [{"role": "user", "content": "The wifi password is in the drawer."}]
+    )
+    result = await engine.enrich("team", "phone", chat("Where is the wifi password?"), store=False)
+    texts = [m.text for m in result.semantic.messages]
+    assert texts == ["The wifi password is on the fridge."]
+    narrow = Reservoir(make_settings(tmp_path, recent_context_size=0))
+    alone = await narrow.enrich("team", "phone", chat("Where is the wifi password?"), store=False)
+    assert alone.semantic.messages == []

@@ -36,7 +36,7 @@ async def test_fastapi_gateway_example_remembers_across_sessions(tmp_path: Path)
             "RSV_DATA_DIR": str(tmp_path / "memory"),
             "OPENAI_API_KEY": "sk-from-gateway",
         }
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
             [sys.executable, str(ROOT / "examples/fastapi/gateway.py"), "--port", str(port)],
             env=env,
             stdout=subprocess.PIPE,
