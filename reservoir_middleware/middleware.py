@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
+import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .answer import JsonAssembler, StreamAssembler, make_assembler
@@ -119,7 +120,7 @@ class ChatExchange:
             return
         if body is None:  # the client went away before sending its request
             return
-        payload = _parse_json(body)
+        payload = await _off_loop(len(body), _parse_json, body)
         if not isinstance(payload, dict):
             await self._forward(body, [], receive, send)
             return
@@ -153,7 +154,9 @@ class ChatExchange:
             stream = payload.get("stream") is True
             await send_too_long(send, model, enrichment.too_long.message, stream, headers)
             return
-        new_body = _dump_json(enrichment.body) if enrichment.changed else body
+        new_body = body
+        if enrichment.changed:
+            new_body = await _off_loop(len(body), _dump_json, enrichment.body)
         await self._forward(new_body, headers, receive, send)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
@@ -262,6 +265,16 @@ class ChatExchange:
             )
         except Exception:
             logger.exception("recording the answer of %s failed", enrichment.scope)
+
+
+INLINE_JSON_BYTES = 64 * 1024
+
+
+async def _off_loop(size: int, func: Callable[[Any], Any], arg: Any) -> Any:
+    """Small bodies are (de)serialised in place; large ones in a worker thread."""
+    if size <= INLINE_JSON_BYTES:
+        return func(arg)
+    return await anyio.to_thread.run_sync(func, arg)
 
 
 def _parse_json(body: bytes) -> Any:
