@@ -37,6 +37,9 @@ class RetrievalQuery:
     min_similarity: float
     semantic_scope: Literal["instance", "partition"]
     body: Mapping[str, Any]
+    pending: tuple[MessageRecord, ...] = ()
+    """Messages of the scope accepted for storage but perhaps not written yet,
+    oldest first (the previous answer, typically): newer than anything stored."""
 
 
 @dataclass

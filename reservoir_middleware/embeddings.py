@@ -390,6 +390,7 @@ def make_embedding_function(
     url: str | None = None,
     api_key: str | None = None,
     timeout: float = 30.0,
+    threads: int = 2,
 ) -> tuple[EmbeddingFunction[Documents], str]:
     """Turn a user setting into (embedding function, model name to record on the collection).
 
@@ -398,12 +399,12 @@ def make_embedding_function(
     first use), "openai:<model>", "ollama:<model>", or an EmbeddingFunction.
     """
     if spec is None:
-        return MiniLMEmbedding(), MiniLMEmbedding.model_name
+        return MiniLMEmbedding(threads=threads), MiniLMEmbedding.model_name
     if isinstance(spec, str):
         text = spec.strip()
         lowered = text.lower()
         if lowered in ("minilm", "default"):
-            return MiniLMEmbedding(), MiniLMEmbedding.model_name
+            return MiniLMEmbedding(threads=threads), MiniLMEmbedding.model_name
         if lowered == "chroma-default":
             return DefaultEmbeddingFunction(), CHROMA_DEFAULT_NAME
         for prefix, cls in (("openai:", OpenAICompatibleEmbedding), ("ollama:", OllamaEmbedding)):

@@ -9,12 +9,13 @@ the next request of the scope waits for both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import anyio.to_thread
 
@@ -28,9 +29,9 @@ from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
 from .records import MessageRecord, Scope, chained_id, content_text
 from .search import keyword_search
-from .selection import build_units, fuse, neighbour_seqs, recent_window
+from .selection import build_units, fuse, neighbour_ids, recent_window
 from .settings import ReservoirSettings
-from .tokens import ModelLimits, count_message, count_messages
+from .tokens import ModelLimits, count_message, count_messages, warm_up_encodings
 
 STORED_ROLES = ("user", "assistant", "tool")
 
@@ -64,6 +65,8 @@ class Enrichment:
     too_long: TooLong | None = None
     failures: list[PluginFailure] = field(default_factory=list)
     changed: bool = False
+    records: list[MessageRecord] = field(default_factory=list)
+    known: dict[str, list[float]] = field(default_factory=dict)
     stored: asyncio.Task[str | None] | None = None
 
     @property
@@ -86,7 +89,10 @@ class Reservoir:
         self.settings = settings or ReservoirSettings()
         s = self.settings
         self.embedder, self.embedding_model = make_embedding_function(
-            s.embedding, url=s.embedding_url, api_key=s.embedding_api_key
+            s.embedding,
+            url=s.embedding_url,
+            api_key=s.embedding_api_key,
+            threads=s.embedding_threads,
         )
         self.store = ChromaStore(s.data_dir, s.chroma_url, self.embedding_model)
         builtins: list[tuple[str, object]] = [
@@ -107,6 +113,8 @@ class Reservoir:
         self._locks: dict[tuple[int, str], asyncio.Lock] = {}
         self._pending: dict[str, set[asyncio.Task[Any]]] = {}
         self._tails: dict[str, tuple[int, MessageRecord | None, list[float] | None]] = {}
+        self._inflight: dict[str, list[MessageRecord]] = {}
+        self._warm = False
 
     # -- public API ------------------------------------------------------------
 
@@ -128,10 +136,24 @@ class Reservoir:
         return written
 
     async def enrich(
-        self, partition: str, instance: str, body: Mapping[str, Any], *, store: bool = True
+        self,
+        partition: str,
+        instance: str,
+        body: Mapping[str, Any],
+        *,
+        store: bool | Literal["with_answer"] = True,
     ) -> Enrichment:
-        """The request with memory injected and trimmed; stores its new messages."""
+        """The request with memory injected and trimmed; stores its new messages.
+
+        `store=True` writes them now (in the background); `store="with_answer"`
+        writes them together with the answer, in one batch, when
+        `record_answer` is called (the middleware's way: one write per
+        exchange); until then they already count as the scope's newest
+        messages. `store=False` stores nothing.
+        """
         scope = Scope(partition, instance)
+        if not self._warm:
+            await self.warm_up()
         new_body, rewrite = await self.hooks.rewrite_request(dict(body), scope)
         messages = chat_messages(new_body)
         model = new_body.get("model") if isinstance(new_body.get("model"), str) else None
@@ -143,7 +165,6 @@ class Reservoir:
             result.too_long = TooLong(last_tokens, limit)
             return result
         records = self._records(scope, messages, trace_id, model, "request")
-        await self.settle(scope)
         query_text = last_user_text(messages)
         embedding = await self._embed_one(query_text) if query_text else None
         plan = await self._plan(scope, new_body, messages, records, query_text, embedding, result)
@@ -157,25 +178,34 @@ class Reservoir:
         if result.semantic.messages or result.recent.messages or rendered != messages:
             result.body = {**new_body, "messages": rendered}
             result.changed = True
-        if store:
-            known = {query_text: embedding} if embedding is not None else {}
-            result.stored = self._schedule(scope, self._write(scope, records, known, []))
+        result.records = records
+        result.known = {query_text: embedding} if embedding is not None else {}
+        if store == "with_answer":
+            self._inflight.setdefault(scope.key, []).extend(records)
+        elif store:
+            write = self._write(scope, records, result.known, [])
+            result.stored = self._schedule(scope, write, records)
         return result
 
     def record_answer(
         self,
         enrichment: Enrichment,
-        answer: Answer,
+        answer: Answer | None,
         *,
         complete: bool = True,
     ) -> asyncio.Task[Any]:
-        """Queue the assistant's answer for storage after the request's messages."""
+        """Queue the answer (None: no answer) for storage after the request's messages.
+
+        With `enrich(..., store="with_answer")` this writes the request's
+        messages and the answer in one batch; call it exactly once.
+        """
         scope = enrichment.scope
 
-        async def write() -> None:
-            prev_id = await enrichment.stored if enrichment.stored is not None else None
+        def answer_record(prev_id: str | None) -> MessageRecord | None:
+            if answer is None:
+                return None
             model = answer.model or enrichment.body.get("model")
-            record = MessageRecord(
+            return MessageRecord(
                 id=chained_id(scope, "assistant", answer.content, answer.tool_calls, prev_id),
                 partition=scope.partition,
                 instance=scope.instance,
@@ -190,9 +220,27 @@ class Reservoir:
                 prev_id=prev_id,
                 choices=answer.choices if answer.choices > 1 else None,
             )
-            await self._write(scope, [record], {}, [])
 
-        return self._schedule(scope, write())
+        records = enrichment.records
+        preview = answer_record(records[-1].id if records else None)
+        added = [preview] if preview is not None else []
+        if enrichment.stored is not None:  # the request is being written already
+            stored = enrichment.stored
+
+            async def write_answer() -> None:
+                prev_id = await stored
+                await self._write(scope, [], {}, [], lambda _: answer_record(prev_id))
+
+            return self._schedule(scope, write_answer(), added)
+        write = self._write(scope, records, enrichment.known, [], answer_record)
+        return self._schedule(scope, write, added, release=records)
+
+    def discard(self, enrichment: Enrichment) -> None:
+        """Forget the messages of a `store="with_answer"` request that will not be sent."""
+        inflight = self._inflight.get(enrichment.scope.key, [])
+        for record in enrichment.records:
+            with contextlib.suppress(ValueError):
+                inflight.remove(record)
 
     async def search(
         self, partition: str, instance: str, query: str, *, limit: int = 10, semantic: bool = True
@@ -240,9 +288,15 @@ class Reservoir:
             await asyncio.wait(tasks, timeout=timeout)
 
     async def warm_up(self) -> None:
-        """Load the embedding model and open the store before the first request."""
+        """Load the embedding model and token encodings, open the store.
+
+        Called at application start-up by the middleware, else by the first
+        request, so that no loading ever happens on the event loop.
+        """
         await self._embed_one("warm up")
+        await anyio.to_thread.run_sync(warm_up_encodings)
         await anyio.to_thread.run_sync(lambda: self.store.client)
+        self._warm = True
 
     # -- request path ------------------------------------------------------------
 
@@ -273,6 +327,7 @@ class Reservoir:
             min_similarity=s.min_similarity,
             semantic_scope=s.semantic_scope,
             body=body,
+            pending=tuple(self._inflight.get(scope.key, ())),
         )
         outcome = await self.hooks.retrieve(query, self.store)
         result.failures.extend(outcome.failures)
@@ -284,11 +339,11 @@ class Reservoir:
 
         hits = [h for h in fuse(outcome.results) if not excluded(h.record)]
         hits = hits[: s.semantic_context_size]
-        neighbours: dict[tuple[Scope, int], MessageRecord] = {}
+        neighbours: dict[str, MessageRecord] = {}
         if hits and (s.pair_answers or s.synapse_neighbours):
-            for hit_scope, seqs in neighbour_seqs(hits).items():
-                found = await anyio.to_thread.run_sync(self.store.by_seq, hit_scope, seqs)
-                neighbours.update({(hit_scope, r.seq): r for r in found})
+            for hit_scope, ids in neighbour_ids(hits).items():
+                found = await anyio.to_thread.run_sync(self.store.get, hit_scope, ids)
+                neighbours.update({r.id: r for r in found})
         units = build_units(
             hits,
             neighbours,
@@ -360,15 +415,31 @@ class Reservoir:
             prev = record.id
         return records
 
-    def _schedule(self, scope: Scope, coro: Any) -> asyncio.Task[Any]:
+    def _schedule(
+        self,
+        scope: Scope,
+        coro: Any,
+        records: Sequence[MessageRecord] = (),
+        release: Sequence[MessageRecord] = (),
+    ) -> asyncio.Task[Any]:
+        """Run a write in the background; its records (and `release`, accepted
+        earlier) stay visible to the recent window as in flight until it is
+        done, so no request has to wait for it."""
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         pending = self._pending.setdefault(scope.key, set())
         pending.add(task)
+        inflight = self._inflight.setdefault(scope.key, [])
+        inflight.extend(records)
 
         def done(t: asyncio.Task[Any]) -> None:
             pending.discard(t)
+            for record in [*records, *release]:
+                with contextlib.suppress(ValueError):
+                    inflight.remove(record)
             if not pending:
                 self._pending.pop(scope.key, None)
+            if not inflight and self._inflight.get(scope.key) is inflight:
+                self._inflight.pop(scope.key, None)
             error = None if t.cancelled() else t.exception()
             if error is not None:
                 log_failure(
@@ -393,16 +464,18 @@ class Reservoir:
         records: list[MessageRecord],
         known: dict[str, list[float]],
         written: list[str],
+        answer: Callable[[str | None], MessageRecord | None] | None = None,
     ) -> str | None:
-        """Store what is new among `records`; returns the id the next message chains to."""
-        if not records:
-            return None
+        """Store what is new among `records` (and the answer chained after them)
+        in one batch; returns the id the next message chains to."""
         async with self._lock(scope):
             tail = self._tails.get(scope.key)
             if tail is None:
                 tail = await anyio.to_thread.run_sync(self.store.tail, scope)
             ids = [r.id for r in records]
-            existing = await anyio.to_thread.run_sync(self.store.existing_ids, scope, ids)
+            existing = set()
+            if ids:
+                existing = await anyio.to_thread.run_sync(self.store.existing_ids, scope, ids)
             if len(records) == 1 and records[0].prev_id is None and ids[0] in existing:
                 # A client that sends only its newest message: the same text again is
                 # a new turn, chained to what the scope said last.
@@ -414,6 +487,12 @@ class Reservoir:
                     existing = await anyio.to_thread.run_sync(
                         self.store.existing_ids, scope, [chained]
                     )
+            last_id = records[-1].id if records else None
+            reply = answer(last_id) if answer is not None else None
+            if reply is not None:
+                found = await anyio.to_thread.run_sync(self.store.existing_ids, scope, [reply.id])
+                existing |= found
+                records = [*records, reply]
             fresh: list[MessageRecord] = []
             for record in records:
                 if record.id in existing:
@@ -425,7 +504,7 @@ class Reservoir:
                 tail = await self._store(scope, fresh, known, tail)
                 written.extend(r.id for r in fresh)
             self._tails[scope.key] = tail
-            return records[-1].id
+            return records[-1].id if records else None
 
     async def _store(
         self,
@@ -444,8 +523,10 @@ class Reservoir:
             }
         embeddings = [known[t] for t in texts]
         next_seq, last, last_vector = tail
-        for record, vector in zip(fresh, embeddings, strict=True):
+        for index, (record, vector) in enumerate(zip(fresh, embeddings, strict=True)):
             record.seq = next_seq
+            record.before_id = last.id if last is not None else None
+            record.after_id = fresh[index + 1].id if index + 1 < len(fresh) else None
             record.embedding_model = self.embedding_model
             threshold = self.settings.synapse_threshold
             if (

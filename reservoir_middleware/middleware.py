@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -24,8 +23,6 @@ from .logs import log_failure
 from .replies import STATUS_HEADER, TRACE_HEADER, send_error, send_too_long
 from .routes import ChatRoute, InvalidName, match_chat_route
 from .settings import ReservoirSettings
-
-logger = logging.getLogger("reservoir")
 
 DEGRADED = (STATUS_HEADER, b"degraded")
 
@@ -104,8 +101,7 @@ class ChatExchange:
         self.route = route
         self.scope = scope
         self.disconnected = False
-        self.finished = False
-        self.recorded = False
+        self.committed = False
         self.enrichment: Enrichment | None = None
         self.assembler: StreamAssembler | JsonAssembler | None = None
 
@@ -127,7 +123,9 @@ class ChatExchange:
         headers: list[tuple[bytes, bytes]] = []
         try:
             self.enrichment = await asyncio.wait_for(
-                self.reservoir.enrich(self.route.partition, self.route.instance, payload),
+                self.reservoir.enrich(
+                    self.route.partition, self.route.instance, payload, store="with_answer"
+                ),
                 self.settings.memory_timeout_ms / 1000,
             )
         except InvalidChatRequest:
@@ -145,6 +143,7 @@ class ChatExchange:
         headers.append((TRACE_HEADER, enrichment.trace_id.encode("ascii")))
         if enrichment.degraded:
             if not self.settings.fail_open:
+                self.reservoir.discard(enrichment)
                 message = "; ".join(str(f) for f in enrichment.failures)
                 await send_error(send, 503, "memory_unavailable", message)
                 return
@@ -218,8 +217,7 @@ class ChatExchange:
         try:
             await self.app(scope, replay, tee)
         finally:
-            if self.assembler is not None and not self.recorded:
-                self._record(complete=False)
+            self._commit(complete=False)
 
     def _on_start(self, message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
         status = int(message.get("status", 200))
@@ -242,29 +240,29 @@ class ChatExchange:
         if self.assembler is not None and chunk:
             try:
                 self.assembler.feed(chunk)
-            except Exception:
-                logger.exception("reading the answer failed; it will not be stored")
+            except Exception as exc:
+                log_failure("reading the answer failed; it will not be stored", exc)
                 self.assembler = None
         if not message.get("more_body", False):
-            self.finished = True
-            if self.assembler is not None:
-                self._record(complete=True)
+            self._commit(complete=True)
 
-    def _record(self, *, complete: bool) -> None:
-        """Hand the assembled answer to the engine (stored in the background)."""
-        self.recorded = True
-        assembler, enrichment = self.assembler, self.enrichment
-        if assembler is None or enrichment is None:
+    def _commit(self, *, complete: bool) -> None:
+        """Store the request's messages and the assembled answer, once, after the
+        last byte (or when the exchange ends early), in the background."""
+        enrichment = self.enrichment
+        if self.committed or enrichment is None:
             return
+        self.committed = True
+        answer = None
         try:
-            answer = assembler.finish()
-            if answer.error is not None or answer.is_empty or answer.overflowed:
-                return
-            self.reservoir.record_answer(
-                enrichment, answer, complete=complete and not self.disconnected
-            )
-        except Exception:
-            logger.exception("recording the answer of %s failed", enrichment.scope)
+            if self.assembler is not None:
+                candidate = self.assembler.finish()
+                if candidate.error is None and not candidate.is_empty and not candidate.overflowed:
+                    answer = candidate
+            complete = complete and not self.disconnected
+            self.reservoir.record_answer(enrichment, answer, complete=complete)
+        except Exception as exc:
+            log_failure("recording the answer failed", exc)
 
 
 INLINE_JSON_BYTES = 64 * 1024

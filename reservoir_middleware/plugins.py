@@ -8,6 +8,7 @@ with its plugin name and collected, and the others still run.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -140,7 +141,17 @@ class Hooks:
         )
 
     async def retrieve(self, query: RetrievalQuery, store: MemoryStore) -> Outcome:
-        outcome = await self._call("reservoir_retrieve", {"query": query, "store": store})
+        """All retrieval plugins at once: they are independent reads."""
+        hook = "reservoir_retrieve"
+        outcome = Outcome()
+        impls = self._impls(hook)
+        kwargs = {"query": query, "store": store}
+        results = await asyncio.gather(*(self._invoke(i, hook, kwargs, outcome) for i in impls))
+        outcome.results = [
+            (impl.plugin_name, result)
+            for impl, result in zip(impls, results, strict=True)
+            if result is not None
+        ]
         outcome.results = [
             (name, [c for c in result if isinstance(c, Candidate)])
             for name, result in outcome.results

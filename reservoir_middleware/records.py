@@ -53,8 +53,10 @@ class MessageRecord:
     finish_reason: str | None = None
     complete: bool = True
     source: str = "request"
-    prev_id: str | None = None
-    synapse_prev: str | None = None
+    prev_id: str | None = None  # the message before it in its request (the id chain)
+    before_id: str | None = None  # the scope's message before it
+    after_id: str | None = None  # the next one, when written in the same batch (its answer)
+    synapse_prev: str | None = None  # before_id, when the two are similar enough to link
     choices: int | None = None
 
     @property

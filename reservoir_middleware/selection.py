@@ -66,22 +66,24 @@ def recent_window(
         for cand in candidates:
             if cand.section == "recent":
                 records.setdefault(cand.record.id, cand.record)
-    window = sorted(records.values(), key=lambda r: (r.seq, r.timestamp))[-limit:] if limit else []
+    # messages still being written have no seq yet; they are the newest
+    ordered = sorted(records.values(), key=lambda r: (r.seq < 0, r.seq, r.timestamp))
+    window = ordered[-limit:] if limit else []
     return [r for r in window if not excluded(r)]
 
 
-def neighbour_seqs(hits: Sequence[Hit]) -> dict[Scope, list[int]]:
-    """The sequence numbers around each hit: its answer or question, its synapses."""
-    wanted: dict[Scope, list[int]] = {}
+def neighbour_ids(hits: Sequence[Hit]) -> dict[Scope, list[str]]:
+    """The messages just before and after each hit: its answer or question, its synapses."""
+    wanted: dict[Scope, list[str]] = {}
     for hit in hits:
-        seq = hit.record.seq
-        wanted.setdefault(hit.record.scope, []).extend([seq - 1, seq + 1])
+        ids = [i for i in (hit.record.before_id, hit.record.after_id) if i]
+        wanted.setdefault(hit.record.scope, []).extend(ids)
     return wanted
 
 
 def build_units(
     hits: Sequence[Hit],
-    neighbours: dict[tuple[Scope, int], MessageRecord],
+    neighbours: dict[str, MessageRecord],
     *,
     pair_answers: bool,
     synapse_limit: int,
@@ -95,8 +97,8 @@ def build_units(
         if record.id in used:
             continue
         members = {record.id: record}
-        before = neighbours.get((record.scope, record.seq - 1))
-        after = neighbours.get((record.scope, record.seq + 1))
+        before = neighbours.get(record.before_id or "")
+        after = neighbours.get(record.after_id or "")
         if pair_answers:
             if record.role == "user" and after is not None and after.role == "assistant":
                 members[after.id] = after

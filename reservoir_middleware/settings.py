@@ -51,6 +51,7 @@ class ReservoirSettings(BaseSettings):
     embedding: Any = "minilm"
     embedding_url: str | None = None
     embedding_api_key: str | None = None
+    embedding_threads: int = Field(default=2, ge=1, le=64)
 
     # enrichment
     semantic_context_size: int = Field(default=7, ge=0, le=200)

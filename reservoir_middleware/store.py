@@ -36,10 +36,6 @@ class MemoryStore(Protocol):
 
     def existing_ids(self, scope: Scope, ids: Sequence[str]) -> set[str]: ...
 
-    def by_seq(self, scope: Scope, seqs: Sequence[int]) -> list[MessageRecord]:
-        """The messages at these sequence numbers (answers and synapse neighbours)."""
-        ...
-
     def keyword(self, scope: Scope, terms: Sequence[str], limit: int) -> list[MessageRecord]:
         """Messages that contain at least one of `terms` (unranked)."""
         ...

@@ -275,3 +275,9 @@ class ModelLimits:
     def input_limit(self, model: str | None, body: Mapping[str, Any]) -> int:
         """Tokens the prompt may take so the reply still fits; at least 1."""
         return max(1, self.context_window(model) - self.output_reserve(body, model))
+
+
+def warm_up_encodings() -> None:
+    """Load both encodings now (about 0.3 s), so no request pays for it."""
+    for name in EXPECTED_SHA256:
+        get_encoding(name)

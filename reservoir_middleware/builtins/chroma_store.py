@@ -13,6 +13,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..records import MessageRecord, Scope
 from ..store import EmbeddingMismatch
 
 COLLECTION_PREFIX = "rsv-"
+RECENT_CACHE = 256  # messages per scope kept in memory (embedded mode)
 _RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
 
 
@@ -93,6 +95,10 @@ class ChromaStore:
         self._client: Any = None
         self._collections: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # The newest messages of each scope, so the recent window costs no query.
+        # Only in embedded mode: there this process is the only writer.
+        self._recent: dict[str, deque[MessageRecord]] = {}
+        self._writes: dict[str, int] = {}  # per scope, to spot a write racing a cache load
 
     # -- collections ---------------------------------------------------------
 
@@ -152,11 +158,19 @@ class ChromaStore:
             documents=[r.text for r in records],
             metadatas=[_metadata(r) for r in records],
         )
+        with self._lock:
+            name = collection_name(scope)
+            self._writes[name] = self._writes.get(name, 0) + 1
+            cached = self._recent.get(name)
+            if cached is not None:
+                cached.extend(sorted(records, key=lambda r: r.seq))
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
         name = collection_name(scope)
         self._collections.pop(name, None)
+        with self._lock:
+            self._recent.pop(name, None)
         with contextlib.suppress(NotFoundError):
             self.client.delete_collection(name)
 
@@ -186,8 +200,25 @@ class ChromaStore:
         ]
 
     def recent(self, scope: Scope, limit: int) -> list[MessageRecord]:
+        if limit <= 0:
+            return []
+        if self.chroma_url is None and limit <= RECENT_CACHE:
+            name = collection_name(scope)
+            with self._lock:
+                cached = self._recent.get(name)
+                if cached is not None:
+                    return list(cached)[-limit:]
+                writes = self._writes.get(name, 0)
+            loaded = self._read_recent(scope, RECENT_CACHE)
+            with self._lock:
+                if self._writes.get(name, 0) == writes:  # no write slipped in meanwhile
+                    self._recent.setdefault(name, deque(loaded, maxlen=RECENT_CACHE))
+            return loaded[-limit:]
+        return self._read_recent(scope, limit)
+
+    def _read_recent(self, scope: Scope, limit: int) -> list[MessageRecord]:
         col = self.collection(scope)
-        if col is None or limit <= 0:
+        if col is None:
             return []
         total = col.count()
         result = col.get(where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"])
@@ -197,21 +228,14 @@ class ChromaStore:
         col = self.collection(scope)
         if col is None or not ids:
             return []
-        return _records(col.get(ids=list(ids), include=["documents", "metadatas"]))
+        unique = list(dict.fromkeys(ids))
+        return _records(col.get(ids=unique, include=["documents", "metadatas"]))
 
     def existing_ids(self, scope: Scope, ids: Sequence[str]) -> set[str]:
         col = self.collection(scope)
         if col is None or not ids:
             return set()
-        return set(col.get(ids=list(ids), include=[])["ids"])
-
-    def by_seq(self, scope: Scope, seqs: Sequence[int]) -> list[MessageRecord]:
-        col = self.collection(scope)
-        wanted = sorted({int(s) for s in seqs if s >= 0})
-        if col is None or not wanted:
-            return []
-        where = {"seq": wanted[0]} if len(wanted) == 1 else {"seq": {"$in": wanted}}
-        return _records(col.get(where=where, include=["documents", "metadatas"]))
+        return set(col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"])
 
     def keyword(self, scope: Scope, terms: Sequence[str], limit: int) -> list[MessageRecord]:
         col = self.collection(scope)

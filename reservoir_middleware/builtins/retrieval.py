@@ -52,5 +52,8 @@ class RecentRetrieval:
     ) -> list[Candidate] | None:
         if query.recent_limit <= 0:
             return None
-        records = await anyio.to_thread.run_sync(store.recent, query.scope, query.recent_limit)
-        return [Candidate(r, "recent", float(r.seq), self.name) for r in records]
+        stored = await anyio.to_thread.run_sync(store.recent, query.scope, query.recent_limit)
+        known = {r.id for r in stored}
+        fresh = [r for r in query.pending if r.id not in known]
+        window = [*stored, *fresh][-query.recent_limit :]
+        return [Candidate(r, "recent", float(i), self.name) for i, r in enumerate(window)]
