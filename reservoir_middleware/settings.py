@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -33,6 +33,23 @@ def config_file_path() -> Path:
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base).expanduser() / "reservoir"
+
+
+DEFAULT_AUTO_MODELS = (
+    "ollama:*",
+    "openai:gpt-4o-mini",
+    "mistral:mistral-small-latest",
+    "gemini:gemini-2.0-flash",
+)
+
+
+class ProviderSettings(BaseModel):
+    """An OpenAI-compatible provider for `reservoir serve` (config file `[providers.NAME]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str
+    api_key_env: str | None = None
 
 
 class ReservoirSettings(BaseSettings):
@@ -76,7 +93,23 @@ class ReservoirSettings(BaseSettings):
     disable_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     load_entry_points: bool = True
 
-    @field_validator("disable_plugins", mode="before")
+    # `reservoir serve`: the standalone gateway
+    host: str = "127.0.0.1"
+    port: int = Field(default=3017, ge=0, le=65535)
+    openai_base_url: str = "https://api.openai.com/v1"
+    mistral_base_url: str = "https://api.mistral.ai/v1"
+    gemini_base_url: str = "https://generativelanguage.googleapis.com/v1beta/openai"
+    ollama_base_url: str = "http://127.0.0.1:11434/v1"
+    providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    model_routes: dict[str, str] = Field(default_factory=dict)
+    auto_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_AUTO_MODELS)
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    upstream_timeout_s: float = Field(default=600.0, gt=0)
+    rate_limit_per_minute: int = Field(default=0, ge=0)
+
+    @field_validator("disable_plugins", "auto_models", "api_keys", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -58,6 +58,9 @@ class Received:
 class Upstream:
     replies: deque[Reply] = field(default_factory=deque)
     received: list[Received] = field(default_factory=list)
+    model_ids: list[str] = field(default_factory=lambda: ["gpt-4o"])
+    model_list_calls: int = 0
+    model_list_auth: str | None = None
 
     def app(self) -> Starlette:
         return Starlette(
@@ -66,6 +69,7 @@ class Upstream:
                 Route("/chat/completions", self.chat, methods=["POST"]),
                 Route("/api/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/completions", self.echo_raw, methods=["POST"]),
                 Route("/v1/embeddings", self.echo_raw, methods=["POST"]),
                 Route(
                     "/v1/partition/{p}/instance/{i}/chat/completions",
@@ -77,7 +81,10 @@ class Upstream:
         )
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+        self.model_list_calls += 1
+        self.model_list_auth = request.headers.get("authorization")
+        data = [{"id": model, "object": "model"} for model in self.model_ids]
+        return JSONResponse({"object": "list", "data": data})
 
     async def echo_raw(self, request: Request) -> Response:
         body = await request.body()
