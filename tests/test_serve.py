@@ -292,3 +292,22 @@ async def test_console_script_serve_and_demo(tmp_path: Path) -> None:
         subprocess.run, [str(script), "serve", "--port", "x"], capture_output=True, text=True
     )
     assert usage.returncode == 2 and "invalid int value" in usage.stderr
+
+
+async def test_config_file_adds_providers_and_routes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = Upstream()
+    async with serve(extra.app()) as extra_url:
+        config = tmp_path / "reservoir.toml"
+        config.write_text(
+            f'[providers.groq]\nbase_url = "{extra_url}/v1/chat/completions"\n'
+            'api_key_env = "GROQ_API_KEY"\n\n[model_routes]\n"llama-3.3-*" = "groq"\n'
+        )
+        monkeypatch.setenv("RSV_CONFIG_FILE", str(config))
+        monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
+        async with stack(tmp_path) as s:
+            response = await s.chat("llama-3.3-70b")  # would be Ollama's without the route
+            assert response.status_code == 200
+            assert extra.received[-1].headers["authorization"] == "Bearer gsk-test"
+            assert s.upstreams["ollama"].received == []
