@@ -112,7 +112,6 @@ class Reservoir:
         )
         self._locks: dict[tuple[int, str], asyncio.Lock] = {}
         self._pending: dict[str, set[asyncio.Task[Any]]] = {}
-        self._tails: dict[str, tuple[int, MessageRecord | None, list[float] | None]] = {}
         self._inflight: dict[str, list[MessageRecord]] = {}
         self._warm = False
 
@@ -270,7 +269,6 @@ class Reservoir:
         for scope in scopes:
             await self.settle(scope)
             outcome = await self.hooks.delete(scope)
-            self._tails.pop(scope.key, None)
             if outcome.failures:
                 raise RuntimeError(str(outcome.failures[0])) from outcome.failures[0].error
         return len(scopes)
@@ -469,9 +467,7 @@ class Reservoir:
         """Store what is new among `records` (and the answer chained after them)
         in one batch; returns the id the next message chains to."""
         async with self._lock(scope):
-            tail = self._tails.get(scope.key)
-            if tail is None:
-                tail = await anyio.to_thread.run_sync(self.store.tail, scope)
+            tail = await anyio.to_thread.run_sync(self.store.tail, scope)
             ids = [r.id for r in records]
             existing = set()
             if ids:
@@ -501,9 +497,8 @@ class Reservoir:
                 if prepared is not None:
                     fresh.append(prepared)
             if fresh:
-                tail = await self._store(scope, fresh, known, tail)
+                await self._store(scope, fresh, known, tail)
                 written.extend(r.id for r in fresh)
-            self._tails[scope.key] = tail
             return records[-1].id if records else None
 
     async def _store(
@@ -512,7 +507,8 @@ class Reservoir:
         fresh: list[MessageRecord],
         known: dict[str, list[float]],
         tail: tuple[int, MessageRecord | None, list[float] | None],
-    ) -> tuple[int, MessageRecord | None, list[float] | None]:
+    ) -> None:
+        """Embed, number and link new messages, then hand them to the store plugins."""
         texts = [embedding_text(r) for r in fresh]
         missing = [t for t in dict.fromkeys(texts) if t not in known]
         if missing:
@@ -537,10 +533,10 @@ class Reservoir:
                 record.synapse_prev = last.id
             next_seq, last, last_vector = next_seq + 1, record, vector
         outcome = await self.hooks.store(scope, fresh, embeddings)
-        if any(f.plugin == self.store.name for f in outcome.failures):
-            self._tails.pop(scope.key, None)
-            raise outcome.failures[0].error
-        return next_seq, last, last_vector
+        for failure in outcome.failures:
+            if failure.plugin == self.store.name:
+                self.store.forget(scope)
+                raise failure.error
 
 
 def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -14,10 +14,10 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from chromadb.errors import NotFoundError
@@ -64,6 +64,27 @@ def _records(result: Any) -> list[MessageRecord]:
     return sorted(out, key=lambda r: r.seq)
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+Tail = tuple[int, MessageRecord | None, list[float] | None]
+
+
+def _retry_if_deleted(
+    method: Callable[Concatenate[ChromaStore, Scope, P], T],
+) -> Callable[Concatenate[ChromaStore, Scope, P], T]:
+    """A collection deleted elsewhere (the CLI, another worker) leaves a stale
+    handle here: forget it and try once more with a fresh one."""
+
+    def wrapper(self: ChromaStore, scope: Scope, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(self, scope, *args, **kwargs)
+        except NotFoundError:
+            self.forget(scope)
+            return method(self, scope, *args, **kwargs)
+
+    return wrapper
+
+
 def make_client(data_dir: Path, chroma_url: str | None) -> Any:
     """An embedded PersistentClient, or an HttpClient when a server URL is set."""
     import chromadb
@@ -99,6 +120,7 @@ class ChromaStore:
         # Only in embedded mode: there this process is the only writer.
         self._recent: dict[str, deque[MessageRecord]] = {}
         self._writes: dict[str, int] = {}  # per scope, to spot a write racing a cache load
+        self._tails: dict[str, Tail] = {}  # next seq, last message and its embedding
 
     # -- collections ---------------------------------------------------------
 
@@ -108,6 +130,19 @@ class ChromaStore:
             if self._client is None:
                 self._client = make_client(self.data_dir, self.chroma_url)
             return self._client
+
+    @property
+    def single_writer(self) -> bool:
+        """Embedded mode: this process is the only writer, so caches stay true."""
+        return self.chroma_url is None
+
+    def forget(self, scope: Scope) -> None:
+        """Drop what is cached about a scope (after it was deleted or went stale)."""
+        name = collection_name(scope)
+        with self._lock:
+            self._collections.pop(name, None)
+            self._recent.pop(name, None)
+            self._tails.pop(name, None)
 
     def collection(self, scope: Scope, *, create: bool = False) -> Any | None:
         name = collection_name(scope)
@@ -148,8 +183,13 @@ class ChromaStore:
     def reservoir_store(
         self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
     ) -> None:
-        if not records:
-            return
+        if records:
+            self._store(scope, records, embeddings)
+
+    @_retry_if_deleted
+    def _store(
+        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+    ) -> None:
         col = self.collection(scope, create=True)
         assert col is not None
         col.upsert(
@@ -164,18 +204,19 @@ class ChromaStore:
             cached = self._recent.get(name)
             if cached is not None:
                 cached.extend(sorted(records, key=lambda r: r.seq))
+            if self.single_writer:
+                last = max(range(len(records)), key=lambda i: records[i].seq)
+                self._tails[name] = (records[last].seq + 1, records[last], embeddings[last])
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
-        name = collection_name(scope)
-        self._collections.pop(name, None)
-        with self._lock:
-            self._recent.pop(name, None)
+        self.forget(scope)
         with contextlib.suppress(NotFoundError):
-            self.client.delete_collection(name)
+            self.client.delete_collection(collection_name(scope))
 
     # -- reads -----------------------------------------------------------------
 
+    @_retry_if_deleted
     def query(
         self, scope: Scope, embedding: Sequence[float], limit: int
     ) -> list[tuple[MessageRecord, float]]:
@@ -202,7 +243,7 @@ class ChromaStore:
     def recent(self, scope: Scope, limit: int) -> list[MessageRecord]:
         if limit <= 0:
             return []
-        if self.chroma_url is None and limit <= RECENT_CACHE:
+        if self.single_writer and limit <= RECENT_CACHE:
             name = collection_name(scope)
             with self._lock:
                 cached = self._recent.get(name)
@@ -216,6 +257,7 @@ class ChromaStore:
             return loaded[-limit:]
         return self._read_recent(scope, limit)
 
+    @_retry_if_deleted
     def _read_recent(self, scope: Scope, limit: int) -> list[MessageRecord]:
         col = self.collection(scope)
         if col is None:
@@ -224,6 +266,7 @@ class ChromaStore:
         result = col.get(where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"])
         return _records(result)[-limit:]
 
+    @_retry_if_deleted
     def get(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
         col = self.collection(scope)
         if col is None or not ids:
@@ -231,12 +274,14 @@ class ChromaStore:
         unique = list(dict.fromkeys(ids))
         return _records(col.get(ids=unique, include=["documents", "metadatas"]))
 
+    @_retry_if_deleted
     def existing_ids(self, scope: Scope, ids: Sequence[str]) -> set[str]:
         col = self.collection(scope)
         if col is None or not ids:
             return set()
         return set(col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"])
 
+    @_retry_if_deleted
     def keyword(self, scope: Scope, terms: Sequence[str], limit: int) -> list[MessageRecord]:
         col = self.collection(scope)
         terms = [t for t in terms if t]
@@ -249,8 +294,13 @@ class ChromaStore:
         )
         return _records(result)
 
-    def tail(self, scope: Scope) -> tuple[int, MessageRecord | None, list[float] | None]:
+    def tail(self, scope: Scope) -> Tail:
         """The next sequence number and the last message with its embedding."""
+        cached = self._tails.get(collection_name(scope))
+        return cached if cached is not None else self._read_tail(scope)
+
+    @_retry_if_deleted
+    def _read_tail(self, scope: Scope) -> Tail:
         col = self.collection(scope)
         if col is None:
             return 0, None, None
@@ -278,6 +328,7 @@ class ChromaStore:
                 out.append(Scope(str(meta["partition"]), str(meta.get("instance", ""))))
         return sorted(out, key=lambda s: (s.partition, s.instance))
 
+    @_retry_if_deleted
     def count(self, scope: Scope) -> int:
         col = self.collection(scope)
         return 0 if col is None else int(col.count())
