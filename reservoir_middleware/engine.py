@@ -467,11 +467,11 @@ class Reservoir:
         """Store what is new among `records` (and the answer chained after them)
         in one batch; returns the id the next message chains to."""
         async with self._lock(scope):
-            tail = await anyio.to_thread.run_sync(self.store.tail, scope)
             ids = [r.id for r in records]
             existing = set()
             if ids:
                 existing = await anyio.to_thread.run_sync(self.store.existing_ids, scope, ids)
+            tail = await anyio.to_thread.run_sync(self.store.tail, scope)  # after a first read
             if len(records) == 1 and records[0].prev_id is None and ids[0] in existing:
                 # A client that sends only its newest message: the same text again is
                 # a new turn, chained to what the scope said last.
@@ -497,7 +497,11 @@ class Reservoir:
                 if prepared is not None:
                     fresh.append(prepared)
             if fresh:
-                await self._store(scope, fresh, known, tail)
+                try:
+                    await self._store(scope, fresh, known, tail)
+                except Exception:  # stale caches (scope deleted elsewhere)? once more, afresh
+                    tail = await anyio.to_thread.run_sync(self.store.tail, scope)
+                    await self._store(scope, fresh, known, tail)
                 written.extend(r.id for r in fresh)
             return records[-1].id if records else None
 

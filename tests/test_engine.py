@@ -299,3 +299,15 @@ async def test_partition_semantic_scope_searches_sibling_instances_only(tmp_path
     narrow = Reservoir(make_settings(tmp_path, recent_context_size=0))
     alone = await narrow.enrich("team", "phone", chat("Where is the wifi password?"), store=False)
     assert alone.semantic.messages == []
+
+
+async def test_a_scope_deleted_by_another_engine_is_recreated_cleanly(tmp_path: Path) -> None:
+    gateway = Reservoir(make_settings(tmp_path))
+    admin = Reservoir(make_settings(tmp_path))  # e.g. the CLI, on the same directory
+    await gateway.add("p", "i", [{"role": "user", "content": "old secret"}])
+    assert len(await gateway.recent("p", "i")) == 1
+    assert await admin.delete("p", "i") == 1
+    await gateway.add("p", "i", [{"role": "user", "content": "fresh start"}])
+    stored = await gateway.recent("p", "i")
+    assert [(r.text, r.seq) for r in stored] == [("fresh start", 0)]
+    assert [h.record.text for h in await gateway.search("p", "i", "secret")] == ["fresh start"]

@@ -186,7 +186,6 @@ class ChromaStore:
         if records:
             self._store(scope, records, embeddings)
 
-    @_retry_if_deleted
     def _store(
         self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
     ) -> None:
