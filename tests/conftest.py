@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,10 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from starlette.types import ASGIApp
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware, ReservoirSettings
+from reservoir_middleware.demo import served
 from tests.upstream import Upstream
 
 
@@ -28,25 +30,51 @@ def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     yield
 
 
+serve = served  # a real uvicorn server on 127.0.0.1, in the test's event loop
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    output: str = ""
+
+
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """A real uvicorn server on 127.0.0.1 (free port), in this event loop."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve())
-    for _ in range(500):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    if not server.started:
-        task.cancel()
-        raise RuntimeError("uvicorn did not start")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
+async def running(
+    argv: list[str], env: dict[str, str], ready_url: str, timeout: float = 60
+) -> AsyncIterator[Process]:
+    """A server process of ours, started for the block once `ready_url` answers 200.
+    Its output goes to a file (a pipe nobody reads could fill up and stall it)."""
+    with tempfile.TemporaryFile() as log:
+        popen = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: ASYNC220
+        process = Process(popen)
+        ready = False
+        try:
+            async with httpx.AsyncClient(timeout=5) as http:
+                for _ in range(int(timeout * 10)):
+                    if popen.poll() is not None:
+                        break
+                    with contextlib.suppress(httpx.TransportError):
+                        ready = (await http.get(ready_url)).status_code == 200
+                    if ready:
+                        break
+                    await asyncio.sleep(0.1)
+            if ready:
+                yield process
+        finally:
+            if popen.poll() is None:
+                popen.terminate()
+            await asyncio.to_thread(popen.wait, 30)
+            log.seek(0)
+            process.output = log.read().decode(errors="replace")
+        if not ready:
+            raise RuntimeError(f"{argv} did not serve {ready_url}:\n{process.output[-3000:]}")
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> ReservoirSettings:

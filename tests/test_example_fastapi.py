@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from tests.conftest import serve
+from tests.conftest import free_port, running, serve
 from tests.upstream import Upstream
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.timeout(180)
@@ -36,22 +26,9 @@ async def test_fastapi_gateway_example_remembers_across_sessions(tmp_path: Path)
             "RSV_DATA_DIR": str(tmp_path / "memory"),
             "OPENAI_API_KEY": "sk-from-gateway",
         }
-        process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [sys.executable, str(ROOT / "examples/fastapi/gateway.py"), "--port", str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient(timeout=5) as http:
-                for _ in range(600):
-                    assert process.poll() is None, process.stdout.read() if process.stdout else ""
-                    try:
-                        if (await http.get(f"{base}/v1/models")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, str(ROOT / "examples/fastapi/gateway.py"), "--port", str(port)]
+        async with running(argv, env, f"{base}/v1/models"):
             memory = f"{base}/v1/partition/team/instance/alice"
             async with AsyncOpenAI(base_url=memory, api_key="sk-client", max_retries=0) as ai:
                 stream = await ai.chat.completions.create(
@@ -72,11 +49,6 @@ async def test_fastapi_gateway_example_remembers_across_sessions(tmp_path: Path)
             assert "Echo: My bike is a red Bianchi." in received.text
             assert received.headers["authorization"] == "Bearer sk-client"
             assert received.path == "/v1/chat/completions"
-        finally:
-            process.terminate()
-            process.wait(timeout=20)
-            if process.stdout:
-                process.stdout.close()
 
 
 def readme_gateway_snippet() -> str:

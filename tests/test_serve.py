@@ -20,8 +20,7 @@ from openai import AsyncOpenAI
 
 from reservoir_middleware.gateway import create_app
 from reservoir_middleware.providers import normalize_base_url
-from tests.conftest import make_settings, serve
-from tests.test_example_fastapi import free_port
+from tests.conftest import free_port, make_settings, running, serve
 from tests.upstream import Reply, Upstream
 
 PROVIDERS = ("openai", "mistral", "gemini", "ollama")
@@ -258,18 +257,8 @@ async def test_console_script_serve_and_demo(tmp_path: Path) -> None:
             "OPENAI_API_KEY": "sk-p",
         }
         script = Path(sys.executable).with_name("reservoir")
-        process = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            [str(script), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient(timeout=5) as http:
-                for _ in range(600):
-                    assert process.poll() is None
-                    with contextlib.suppress(httpx.TransportError):
-                        if (await http.get(f"{base}/health")).status_code == 200:
-                            break
-                    await asyncio.sleep(0.1)
+        base = f"http://127.0.0.1:{port}"
+        async with running([str(script), "serve"], env, f"{base}/health") as process:
             async with AsyncOpenAI(
                 base_url=f"{base}/v1/partition/p/instance/i", api_key="k", max_retries=0
             ) as ai:
@@ -277,10 +266,8 @@ async def test_console_script_serve_and_demo(tmp_path: Path) -> None:
                     model="gpt-4o", messages=[{"role": "user", "content": "ping"}]
                 )
             assert reply.choices[0].message.content == "Echo: ping"
-        finally:
-            process.terminate()
-            output = process.communicate(timeout=20)[0].decode()
-        assert "memory in" in output and f"127.0.0.1:{port}/v1/partition/" in output
+        assert "memory in" in process.output
+        assert f"127.0.0.1:{port}/v1/partition/" in process.output
     env = {**os.environ, "OPENAI_API_KEY": "", "RSV_CONFIG_FILE": str(tmp_path / "none.toml")}
     demo = await asyncio.to_thread(
         subprocess.run, [str(script), "demo"], env=env, capture_output=True, text=True, timeout=120
