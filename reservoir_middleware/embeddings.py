@@ -145,6 +145,7 @@ def _load_runtime(threads: int) -> _Runtime:
         tokenizer.enable_truncation(max_length=MAX_TOKENS)
         tokenizer.no_padding()  # padded per sub-batch below, to the longest in it
 
+        ort.disable_telemetry_events()  # onnxruntime would otherwise phone home on Linux
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

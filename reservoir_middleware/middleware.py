@@ -102,6 +102,7 @@ class ChatExchange:
         self.scope = scope
         self.disconnected = False
         self.committed = False
+        self.status: int | None = None
         self.enrichment: Enrichment | None = None
         self.assembler: StreamAssembler | JsonAssembler | None = None
 
@@ -220,7 +221,7 @@ class ChatExchange:
             self._commit(complete=False)
 
     def _on_start(self, message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
-        status = int(message.get("status", 200))
+        status = self.status = int(message.get("status", 200))
         headers = list(message.get("headers") or [])
         if self.enrichment is not None and 200 <= status < 300:
             content_type = content_encoding = None
@@ -248,17 +249,24 @@ class ChatExchange:
 
     def _commit(self, *, complete: bool) -> None:
         """Store the request's messages and the assembled answer, once, after the
-        last byte (or when the exchange ends early), in the background."""
+        last byte (or when the exchange ends early), in the background.
+
+        A request the app refused or failed (non-2xx, an error event in the
+        stream) stores nothing: a client without access writes no memory, and
+        a retry of a failed request is not a second copy.
+        """
         enrichment = self.enrichment
         if self.committed or enrichment is None:
             return
         self.committed = True
-        answer = None
         try:
-            if self.assembler is not None:
-                candidate = self.assembler.finish()
-                if candidate.error is None and not candidate.is_empty and not candidate.overflowed:
-                    answer = candidate
+            answer = self.assembler.finish() if self.assembler is not None else None
+            failed = self.status is None or not 200 <= self.status < 300
+            if failed or (answer is not None and answer.error is not None):
+                self.reservoir.discard(enrichment)
+                return
+            if answer is not None and (answer.is_empty or answer.overflowed):
+                answer = None
             complete = complete and not self.disconnected
             self.reservoir.record_answer(enrichment, answer, complete=complete)
         except Exception as exc:

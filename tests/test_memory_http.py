@@ -326,7 +326,12 @@ async def test_oversize_body_refused(gateway_factory: GatewayFactory) -> None:
         assert await gw.stored() == []
 
 
-async def test_upstream_error_and_error_event_store_no_answer(gateway: Gateway) -> None:
+async def test_refused_or_failed_requests_store_nothing(gateway: Gateway) -> None:
+    """Non-2xx or an error event: nothing is stored, so a client the app refuses
+    writes no memory and a retried request is stored once."""
+    gateway.upstream.replies.append(Reply(status=401))
+    refused = await gateway.chat([{"role": "user", "content": "Vault code is 4711."}])
+    assert refused.status_code == 401
     gateway.upstream.replies.append(Reply(status=500))
     failed = await gateway.chat([{"role": "user", "content": "first question"}])
     assert failed.status_code == 500
@@ -337,10 +342,13 @@ async def test_upstream_error_and_error_event_store_no_answer(gateway: Gateway) 
     gateway.upstream.replies.append(Reply(raw=err))
     streamed = await gateway.chat([{"role": "user", "content": "second question"}], stream=True)
     assert streamed.status_code == 200
-    stored = await gateway.stored()
-    assert [(r.role, r.text) for r in stored] == [
+    assert await gateway.stored() == []
+    retried = await gateway.chat([{"role": "user", "content": "first question"}])
+    assert retried.status_code == 200
+    assert "Vault code" not in gateway.upstream.received[-1].text
+    assert [(r.role, r.text) for r in await gateway.stored()] == [
         ("user", "first question"),
-        ("user", "second question"),
+        ("assistant", "Echo: first question"),
     ]
 
 
