@@ -92,6 +92,8 @@ def test_base_urls_accept_the_api_base_and_the_full_endpoint() -> None:
         ("codellama", "ollama"),
         ("mistral:7b", "ollama"),
         ("qwen2.5:7b", "ollama"),
+        ("gpt-oss:20b", "ollama"),
+        ("codestral-latest", "mistral"),
     ],
 )
 async def test_models_are_routed_by_name(tmp_path: Path, model: str, provider: str) -> None:
@@ -205,12 +207,17 @@ async def test_models_completions_and_embeddings_pass_through(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-provider")
     async with stack(tmp_path) as s:
+        s.upstreams["openai"].model_ids.append("text-embedding-3-small")
         models = (await s.http.get(f"{s.url}/v1/models")).json()
         ids = [m["id"] for m in models["data"]]
         assert ids[0] == "auto" and "gpt-4o-mini" in ids and "llama3.2:3b" in ids
         assert "mistral-small-latest" not in ids  # no MISTRAL_API_KEY
-        for path in ("/v1/completions", "/v1/embeddings"):
-            body = {"model": "gpt-4o", "input": "x", "prompt": "y"}
+        for path, model in (
+            ("/v1/completions", "gpt-4o"),
+            ("/v1/embeddings", "gpt-4o"),
+            ("/v1/embeddings", "text-embedding-3-small"),
+        ):
+            body = {"model": model, "input": "x", "prompt": "y"}
             response = await s.http.post(s.url + path, json=body)
             assert response.status_code == 200 and response.json() == body
             assert s.upstreams["openai"].received[-1].path == path
