@@ -1,0 +1,68 @@
+"""The LoCoMo evidence-recall benchmark runs end to end on a tiny slice."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASET = ROOT.parent / "shared" / "datasets" / "locomo"
+
+
+@pytest.mark.timeout(400)
+def test_locomo_benchmark_tiny_run(tmp_path: Path) -> None:
+    assert (DATASET / "30.json").is_file(), (
+        f"the LoCoMo dataset is expected beside the repository, at {DATASET} "
+        "(30.json missing); see bench/locomo.py"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RSV_")}
+    env["RSV_CONFIG_FILE"] = str(tmp_path / "no-config.toml")
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "locomo.py"),
+        "--conversations",
+        "30",
+        "--limit-questions",
+        "5",
+        "--strategies",
+        "default,recent,hybrid-r25@1000",
+        "--data-dir",
+        str(tmp_path / "data"),
+    ]
+    done = subprocess.run(
+        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert "bench/locomo.py --conversations 30" in out, out
+    assert "369 turns stored through Reservoir.add" in out, out
+    header = (
+        r"^\| strategy \| questions \| evidence recall \| all-evidence hit rate \| "
+        r"mean injected tokens \| latency p50 ms \| latency p99 ms \|$"
+    )
+    assert re.search(header, out, re.M), out
+    fraction, number = r"\s+[01]\.\d{3}\s+\|", r"\s+\d+\.\d\s+\|"
+    row = r"\|\s+5\s+\|" + fraction * 2 + number * 3 + "$"
+    for label in ("default", "recent only", r"hybrid @1000, recent ≤25% \(experimental\)"):
+        assert re.search(rf"^\| {label} {row}", out, re.M), (label, out)
+    assert re.search(r"^\| strategy \| 1 multi-hop \(n=\d+\) \|", out, re.M), out
+    assert re.search(r"^\| strategy \| 30\.json \(n=5\) \|$", out, re.M), out
+    assert "reference (dataset README" in out, out
+
+    # A second run reuses the filled store instead of storing the turns again.
+    again = subprocess.run(
+        [*argv[:-4], "--strategies", "recent", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "fill: reused the filled store" in again.stdout, again.stdout
