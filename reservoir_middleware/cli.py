@@ -60,7 +60,50 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the local stand-in model even if OPENAI_API_KEY is set",
     )
+    config = commands.add_parser(
+        "config",
+        help="read or change the config file",
+        description="Read or change the TOML config file ($RSV_CONFIG_FILE, else "
+        "$XDG_CONFIG_HOME/reservoir/reservoir.toml). Values are checked before they are written; "
+        "RSV_* variables and keyword arguments still take precedence over the file.",
+        epilog="examples:\n  reservoir config --set recent_context_size=10\n"
+        "  reservoir config --set 'model_limits={\"my-model\" = 32768}'\n"
+        "  reservoir config --get data_dir\n  reservoir config --list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    action = config.add_mutually_exclusive_group(required=True)
+    action.add_argument("--set", metavar="KEY=VALUE", help="write a setting (a TOML value)")
+    action.add_argument("--get", metavar="KEY", help="print the value in force")
+    action.add_argument("--unset", metavar="KEY", help="remove a setting from the file")
+    action.add_argument("--list", action="store_true", help="every setting, its value and source")
+    action.add_argument("--path", action="store_true", help="print the config file's path")
     return parser
+
+
+def config(args: argparse.Namespace) -> int:
+    from . import configfile
+    from .settings import config_file_path
+
+    if args.path:
+        print(config_file_path())
+    elif args.set is not None:
+        key, sep, value = args.set.partition("=")
+        if not sep:
+            raise configfile.ConfigError(f"--set takes KEY=VALUE, not {args.set!r}")
+        name, stored = configfile.set_value(key, value)
+        print(f"{name} = {stored!r}  (in {config_file_path()})")
+    elif args.unset is not None:
+        removed = configfile.unset_value(args.unset)
+        print(f"{'removed' if removed else 'not in the file:'} {args.unset}")
+    elif args.get is not None:
+        name = configfile.normalize_key(args.get)
+        print(getattr(ReservoirSettings(), name))
+    else:
+        for name, value, source in configfile.effective():
+            secret = "key" in name and value and source != "default"
+            shown = "***" if secret else str(value) if isinstance(value, Path) else repr(value)
+            print(f"{name} = {shown}  [{source}]")
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -110,16 +153,23 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .configfile import ConfigError
+
     args = build_parser().parse_args(argv)
+    handlers = {"serve": serve, "demo": demo, "config": config}
     try:
-        if args.command == "serve":
-            return serve(args)
-        return demo(args)
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"reservoir: {exc}", file=sys.stderr)
+        return 1
     except ValidationError as exc:
         print(f"reservoir: invalid setting: {exc}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `reservoir ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
