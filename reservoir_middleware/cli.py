@@ -77,7 +77,124 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--unset", metavar="KEY", help="remove a setting from the file")
     action.add_argument("--list", action="store_true", help="every setting, its value and source")
     action.add_argument("--path", action="store_true", help="print the config file's path")
+    add_memory_commands(commands)
     return parser
+
+
+def _scope_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    default = None if required else "default"
+    parser.add_argument(
+        "-p",
+        "--partition",
+        default=default,
+        required=required,
+        help="partition" + ("" if required else " (default: default)"),
+    )
+    parser.add_argument(
+        "-i",
+        "--instance",
+        default=default,
+        help="instance" + ("" if required else " (default: default)"),
+    )
+
+
+def add_memory_commands(commands: Any) -> None:
+    def command(name: str, summary: str, description: str, example: str) -> Any:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    search = command(
+        "search",
+        "search stored messages",
+        "Keyword search (BM25-ranked, not substring order) or, with --semantic, "
+        "search by meaning, in one partition/instance.",
+        "reservoir search 'sourdough starter' -p acme -i alice --limit 5",
+    )
+    search.add_argument("term")
+    search.add_argument("--semantic", action="store_true", help="search by meaning (embeddings)")
+    _scope_options(search)
+    search.add_argument("--limit", type=int, default=10, help="how many results (default 10)")
+    search.add_argument("--link", action="store_true", help="add synapse neighbours of the hits")
+    search.add_argument("--json", action="store_true", help="one JSON record per line")
+
+    view = command(
+        "view",
+        "show the last messages",
+        "The last N messages of a partition/instance with time, role and trace id.",
+        "reservoir view 20 -p acme -i alice",
+    )
+    view.add_argument("count", type=int, metavar="N")
+    _scope_options(view)
+
+    ingest = command(
+        "ingest",
+        "store standard input as a message",
+        "Store what arrives on standard input as one message.",
+        "echo 'I moved to Lyon in May.' | reservoir ingest -p acme -i alice",
+    )
+    _scope_options(ingest)
+    ingest.add_argument("--role", choices=["user", "assistant", "system"], default="user")
+
+    export = command(
+        "export",
+        "write memory as JSON Lines",
+        "Every field of every stored message, one JSON record per line, oldest "
+        "first; all scopes unless -p/-i narrow it.",
+        "reservoir export -p acme -o acme.jsonl",
+    )
+    export.add_argument("-p", "--partition")
+    export.add_argument("-i", "--instance")
+    export.add_argument("--with-embeddings", action="store_true", help="include the vectors")
+    export.add_argument("-o", "--output", help="file to write (default: standard output)")
+
+    load = command(
+        "import",
+        "read memory from JSON Lines",
+        "Store the records of an export. Idempotent: what is stored already is "
+        "skipped. Bad lines are reported by number and skipped; exit code 1 if any.",
+        "reservoir import acme.jsonl",
+    )
+    load.add_argument("file")
+
+    delete = command(
+        "delete",
+        "forget a partition or one instance",
+        "Remove a partition (all its instances) or one instance completely: "
+        "afterwards neither search nor enrichment can return any of it.",
+        "reservoir delete -p acme -i alice --yes",
+    )
+    _scope_options(delete, required=True)
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    stats = command(
+        "stats",
+        "scopes, message counts, model, disk size",
+        "What is stored: scopes, message counts, embedding model, disk size.",
+        "reservoir stats --json",
+    )
+    stats.add_argument("--json", action="store_true")
+
+    replay = command(
+        "replay",
+        "re-embed everything with another model",
+        "Re-embed every stored message with another embedding model (after a model "
+        "change), then record that model in the config file. Resumable: run it "
+        "again after an interruption and it continues.",
+        "reservoir replay --embedding openai:text-embedding-3-small",
+    )
+    replay.add_argument("--embedding", required=True, help="the new embedding (see RSV_EMBEDDING)")
+
+    command(
+        "plugins",
+        "list loaded plugins and their hooks",
+        "Every loaded plugin (built-in, entry point or blocked) and the hooks it implements.",
+        "RSV_DISABLE_PLUGINS=recent reservoir plugins",
+    )
 
 
 def config(args: argparse.Namespace) -> int:
@@ -153,11 +270,21 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli_memory import COMMANDS
     from .configfile import ConfigError
 
     args = build_parser().parse_args(argv)
     handlers = {"serve": serve, "demo": demo, "config": config}
     try:
+        if args.command in COMMANDS:
+            logging.basicConfig(level=logging.ERROR)
+            try:
+                return int(asyncio.run(COMMANDS[args.command](args)))
+            except (ConfigError, ValidationError, KeyboardInterrupt, BrokenPipeError):
+                raise
+            except Exception as exc:  # a clear line, not a traceback
+                print(f"reservoir {args.command}: {exc}", file=sys.stderr)
+                return 1
         return handlers[args.command](args)
     except ConfigError as exc:
         print(f"reservoir: {exc}", file=sys.stderr)

@@ -57,7 +57,8 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def _decode(kind: str, segment: str) -> str:
+def decode_name(kind: str, segment: str) -> str:
+    """A partition or instance name from its percent-encoded path segment."""
     try:
         raw = unquote(segment, encoding="utf-8", errors="strict")
     except UnicodeDecodeError as exc:
@@ -76,7 +77,7 @@ def match_chat_route(raw_path: bytes, headers: Iterable[tuple[bytes, bytes]]) ->
         if found:
             rewritten = (found["prefix"] + "/v1/chat/completions").encode("latin-1")
             return ChatRoute(
-                _decode("partition", found["p"]), _decode("instance", found["i"]), rewritten
+                decode_name("partition", found["p"]), decode_name("instance", found["i"]), rewritten
             )
     found = _PLAIN.match(path)
     if not found:

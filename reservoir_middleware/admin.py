@@ -1,0 +1,114 @@
+"""Opt-in admin endpoints under each scope's base path (only when `admin_key` is set).
+
+    GET    …/v1/partition/{p}/instance/{i}/memory/search?term=&semantic=&limit=
+    GET    …/v1/partition/{p}/instance/{i}/memory/recent?limit=
+    GET    …/v1/partition/{p}/instance/{i}/memory/export        (JSON Lines, streamed)
+    DELETE …/v1/partition/{p}/instance/{i}/memory
+
+Every call needs `Authorization: Bearer ADMIN_KEY` (or `X-Reservoir-Admin-Key`).
+Without an admin key these paths do not exist here: they reach the wrapped app.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from .engine import Reservoir
+from .records import Scope as MemoryScope
+from .replies import send_error
+from .routes import InvalidName, decode_name
+from .transfer import export_lines
+
+_ADMIN = re.compile(
+    r"^(?P<prefix>.*?)/v1/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)"
+    r"/memory(?P<action>/search|/recent|/export)?/?$"
+)
+MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class AdminRoute:
+    scope: MemoryScope
+    action: str  # "search", "recent", "export" or "delete"
+
+
+def match_admin_route(method: str, raw_path: bytes) -> AdminRoute | None:
+    found = _ADMIN.match(raw_path.decode("latin-1"))
+    if found is None:
+        return None
+    action = (found["action"] or "").lstrip("/")
+    if (method, action) not in {
+        ("GET", "search"),
+        ("GET", "recent"),
+        ("GET", "export"),
+        ("DELETE", ""),
+    }:
+        return None
+    scope = MemoryScope(decode_name("partition", found["p"]), decode_name("instance", found["i"]))
+    return AdminRoute(scope, action or "delete")
+
+
+def authorised(scope: Scope, admin_key: str) -> bool:
+    for name, value in scope.get("headers") or []:
+        lowered = name.lower()
+        given = None
+        if lowered == b"authorization" and value[:7].lower() == b"bearer ":
+            given = value[7:].strip()
+        elif lowered == b"x-reservoir-admin-key":
+            given = value.strip()
+        if given is not None and hmac.compare_digest(given, admin_key.encode()):
+            return True
+    return False
+
+
+def _limit(query: dict[str, list[str]], default: int) -> int:
+    text = (query.get("limit") or [str(default)])[0]
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise InvalidName(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
+async def serve_admin(
+    reservoir: Reservoir, route: AdminRoute, scope: Scope, receive: Receive, send: Send
+) -> None:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    memory = route.scope
+    response: Response
+    try:
+        if route.action == "search":
+            term = (query.get("term") or [""])[0]
+            if not term.strip():
+                raise InvalidName("the query parameter 'term' is required")
+            semantic = (query.get("semantic") or ["false"])[0].lower() in ("1", "true", "yes")
+            hits = await reservoir.search(
+                memory.partition, memory.instance, term, limit=_limit(query, 10), semantic=semantic
+            )
+            payload = {"results": [{**h.record.to_dict(), "score": h.score} for h in hits]}
+            response = JSONResponse(payload)
+        elif route.action == "recent":
+            records = await reservoir.recent(
+                memory.partition, memory.instance, limit=_limit(query, 15)
+            )
+            response = JSONResponse({"messages": [r.to_dict() for r in records]})
+        elif route.action == "export":
+            lines = export_lines(reservoir, [memory])
+            response = StreamingResponse(_encoded(lines), media_type="application/x-ndjson")
+        else:
+            deleted = await reservoir.delete(memory.partition, memory.instance)
+            response = JSONResponse({"deleted": deleted})
+    except InvalidName as exc:
+        await send_error(send, 400, "invalid_request", str(exc))
+        return
+    await response(scope, receive, send)
+
+
+async def _encoded(lines: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    async for line in lines:
+        yield line.encode("utf-8")

@@ -1,0 +1,143 @@
+"""Export and import of memory as JSON Lines: one message record per line.
+
+An export holds every field of the record (and, on request, its embedding);
+importing it again stores nothing new (ids are kept), and importing it into an
+empty directory gives the same search results. Bad lines are reported by line
+number and skipped; the good ones are imported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, TextIO
+
+import anyio.to_thread
+
+from .engine import Reservoir
+from .maintenance import import_records, pages
+from .records import MessageRecord, Scope
+
+REQUIRED = {"id": str, "partition": str, "instance": str, "role": str, "text": str}
+ROLES = {"user", "assistant", "tool", "system", "developer"}
+OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "tool_calls": (list,),
+    "tool_call_id": (str,),
+    "trace_id": (str,),
+    "seq": (int,),
+    "timestamp": (int, float),
+    "model": (str,),
+    "embedding_model": (str,),
+    "finish_reason": (str,),
+    "complete": (bool,),
+    "source": (str,),
+    "prev_id": (str,),
+    "before_id": (str,),
+    "after_id": (str,),
+    "synapse_prev": (str,),
+    "choices": (int,),
+}
+BATCH = 256
+
+
+class BadLine(ValueError):
+    pass
+
+
+@dataclass
+class ImportReport:
+    read: int = 0
+    imported: int = 0
+    existing: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+
+
+def record_line(record: MessageRecord, embedding: list[float] | None) -> str:
+    data = record.to_dict()
+    if embedding is not None:
+        data["embedding"] = [float(x) for x in embedding]
+    return json.dumps(data, ensure_ascii=False)
+
+
+def parse_line(line: str) -> tuple[MessageRecord, list[float] | None]:
+    """One exported line back to a record; BadLine says what is wrong."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadLine(f"not JSON ({exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise BadLine("not a JSON object")
+    for key, kind in REQUIRED.items():
+        if not isinstance(data.get(key), kind):
+            raise BadLine(f"'{key}' is missing or not a {kind.__name__}")
+    if data["role"] not in ROLES:
+        raise BadLine(f"unknown role {data['role']!r}")
+    for key, kinds in OPTIONAL_TYPES.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise BadLine(f"'{key}' has the wrong type")
+    embedding = data.pop("embedding", None)
+    if embedding is not None and (
+        not isinstance(embedding, list)
+        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding)
+    ):
+        raise BadLine("'embedding' is not a list of numbers")
+    known = {f.name for f in fields(MessageRecord)}
+    unknown = set(data) - known
+    if unknown:
+        raise BadLine(f"unknown field(s): {', '.join(sorted(unknown))}")
+    return MessageRecord(**data), embedding
+
+
+async def export_lines(
+    reservoir: Reservoir, scopes: Iterable[Scope], *, embeddings: bool = False
+) -> AsyncIterator[str]:
+    """Every record of the scopes, oldest first, one JSON line each (with "\\n")."""
+    for scope in scopes:
+        if not await anyio.to_thread.run_sync(reservoir.store.count, scope):
+            continue
+        paged = pages(reservoir, scope, embeddings=embeddings, size=BATCH)
+        while True:
+            page = await anyio.to_thread.run_sync(next, paged, None)
+            if page is None:
+                break
+            for record, vector in page:
+                yield record_line(record, vector) + "\n"
+
+
+def numbered_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
+    for number, line in enumerate(stream, start=1):
+        if line.strip():
+            yield number, line
+
+
+async def import_lines(
+    reservoir: Reservoir, lines: Iterable[tuple[int, str]], *, progress: Any = None
+) -> ImportReport:
+    report = ImportReport()
+    batch: list[tuple[MessageRecord, list[float] | None]] = []
+
+    async def flush() -> None:
+        written, existing = await import_records(reservoir, batch)
+        report.imported += written
+        report.existing += existing
+        if progress is not None:
+            progress(len(batch))
+        batch.clear()
+
+    for number, line in lines:
+        report.read += 1
+        try:
+            batch.append(parse_line(line))
+        except BadLine as exc:
+            report.bad.append((number, str(exc)))
+            continue
+        if len(batch) >= BATCH:
+            await flush()
+    if batch:
+        await flush()
+    return report
