@@ -26,6 +26,7 @@ class AccessMiddleware:
     def __init__(self, app: ASGIApp, *, settings: ReservoirSettings) -> None:
         self.app = app
         self.keys = frozenset(settings.api_keys)
+        self.admin_key = settings.admin_key
         self.per_minute = settings.rate_limit_per_minute
         self.windows: dict[str, deque[float]] = {}
 
@@ -35,6 +36,10 @@ class AccessMiddleware:
             return
         headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
         token = headers.get(b"x-api-key") or bearer_token(headers.get(b"authorization", ""))
+        admin = headers.get(b"x-reservoir-admin-key") or token
+        if self.admin_key and admin == self.admin_key:  # checked again by the admin endpoints
+            await self.app(scope, receive, send)
+            return
         if self.keys and token not in self.keys:
             await send_error(
                 send,

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .admin import authorised, match_admin_route, serve_admin
 from .answer import JsonAssembler, StreamAssembler, make_assembler
 from .engine import Enrichment, InvalidChatRequest, Reservoir
 from .logs import log_failure
@@ -46,14 +47,24 @@ class ReservoirMiddleware:
         if scope["type"] == "lifespan":
             await self.app(scope, self._lifespan_receive(receive), send)
             return
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode("latin-1")
+        admin_key = self.settings.admin_key
         try:
-            route = match_chat_route(raw_path, scope.get("headers") or [])
+            admin = match_admin_route(scope["method"], raw_path) if admin_key else None
+            route = None
+            if admin is None and scope["method"] == "POST":
+                route = match_chat_route(raw_path, scope.get("headers") or [])
         except InvalidName as exc:
             await send_error(send, 400, "invalid_request", str(exc))
+            return
+        if admin is not None and admin_key:
+            if not authorised(scope, admin_key):
+                await send_error(send, 401, "unauthorized", "the admin key is required")
+                return
+            await serve_admin(self.reservoir, admin, scope, receive, send)
             return
         if route is None:
             await self.app(scope, receive, send)

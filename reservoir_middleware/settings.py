@@ -92,6 +92,7 @@ class ReservoirSettings(BaseSettings):
     memory_timeout_ms: int = Field(default=5000, ge=1)
     disable_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     load_entry_points: bool = True
+    admin_key: str | None = None
 
     # `reservoir serve`: the standalone gateway
     host: str = "127.0.0.1"
