@@ -4,7 +4,9 @@ import asyncio
 import contextlib
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     monkeypatch.setenv("RSV_CONFIG_FILE", str(tmp_path / "no-config.toml"))
     yield
 
+
+CHROMA = str(Path(sys.executable).with_name("chroma"))
 
 serve = served  # a real uvicorn server on 127.0.0.1, in the test's event loop
 
@@ -75,6 +79,36 @@ async def running(
             process.output = log.read().decode(errors="replace")
         if not ready:
             raise RuntimeError(f"{argv} did not serve {ready_url}:\n{process.output[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Chroma server (`chroma run`) on loopback, shared by the session:
+    tests using it pick their own partition names."""
+    port = free_port()
+    path = tmp_path_factory.mktemp("chroma-server")
+    log = (path / "server.log").open("wb")
+    process = subprocess.Popen(
+        [CHROMA, "run", "--path", str(path / "data"), "--port", str(port), "--host", "127.0.0.1"],
+        stdout=log,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/api/v2/heartbeat", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("chroma run did not start: " + (path / "server.log").read_text()[-2000:])
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> ReservoirSettings:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import GatewayFactory, make_settings, serve
 
@@ -21,11 +22,16 @@ async def test_admin_endpoints_do_not_exist_without_a_key(gateway_factory: Gatew
                 assert response.status_code in (404, 405), (method, action)
 
 
-async def test_admin_endpoints(gateway_factory: GatewayFactory) -> None:
-    async with gateway_factory(admin_key="adm-secret-1") as gw:
+@pytest.mark.parametrize("storage", ["embedded", "server"])
+async def test_admin_endpoints(
+    gateway_factory: GatewayFactory, storage: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    extra = {"chroma_url": request.getfixturevalue("chroma_server")} if storage == "server" else {}
+    p = f"admin-{tmp_path.name[-10:]}"  # the server is shared by the session
+    async with gateway_factory(admin_key="adm-secret-1", **extra) as gw:
         for fact in FACTS:
-            await gw.chat([{"role": "user", "content": fact}])
-        base = gw.base() + "/memory"
+            await gw.chat([{"role": "user", "content": fact}], partition=p)
+        base = gw.base(p) + "/memory"
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-Reservoir-Admin-Key": "no"}):
             refused = await gw.http.get(base + "/recent", headers=headers)
             assert refused.status_code == 401
@@ -66,7 +72,7 @@ async def test_admin_endpoints(gateway_factory: GatewayFactory) -> None:
         deleted = await gw.http.delete(base, headers=ADMIN)
         assert deleted.json() == {"deleted": 1}
         assert (await gw.http.get(base + "/recent", headers=ADMIN)).json() == {"messages": []}
-        await gw.chat([{"role": "user", "content": "What pet do I have?"}])
+        await gw.chat([{"role": "user", "content": "What pet do I have?"}], partition=p)
         assert gw.upstream.received[-1].messages == [
             {"role": "user", "content": "What pet do I have?"}
         ]

@@ -8,21 +8,17 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.conftest import free_port, serve
+from tests.conftest import serve
 
 SCRIPT = str(Path(sys.executable).with_name("reservoir"))
-CHROMA = str(Path(sys.executable).with_name("chroma"))
 
 FACTS = [
     ("user", "I adopted a rescue greyhound named Comet."),
@@ -38,35 +34,6 @@ def run(
     return subprocess.run(
         [SCRIPT, *args], env=env, input=stdin, capture_output=True, text=True, timeout=180
     )
-
-
-@pytest.fixture(scope="module")
-def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Chroma server (`chroma run`) on loopback for this module."""
-    port = free_port()
-    path = tmp_path_factory.mktemp("chroma-server")
-    log = (path / "server.log").open("wb")
-    process = subprocess.Popen(
-        [CHROMA, "run", "--path", str(path / "data"), "--port", str(port), "--host", "127.0.0.1"],
-        stdout=log,
-        stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/api/v2/heartbeat", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("chroma run did not start: " + (path / "server.log").read_text()[-2000:])
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 @pytest.fixture(params=["embedded", "server"])
