@@ -66,6 +66,20 @@ def test_config_refuses_bad_keys_and_values_by_name(env: dict[str, str], tmp_pat
 def test_help_of_every_command_has_an_example(env: dict[str, str]) -> None:
     top = run("--help", env=env)
     assert top.returncode == 0
-    for command in ("serve", "demo", "config"):
+    commands = (
+        "serve",
+        "demo",
+        "config",
+        "search",
+        "view",
+        "ingest",
+        "export",
+        "import",
+        "delete",
+        "stats",
+        "replay",
+        "plugins",
+    )
+    for command in commands:
         shown = run(command, "--help", env=env)
         assert shown.returncode == 0 and "example" in shown.stdout, command

@@ -248,3 +248,23 @@ async def test_replay_reembeds_and_resumes(env: dict[str, str]) -> None:
             "1",
         )
         assert "bulk note 42" in found.stdout
+
+
+def test_search_link_adds_synapse_neighbours(env: dict[str, str]) -> None:
+    p = partition(env)
+    for text in (
+        "The budget review meeting is on Friday at 10.",
+        "The budget review meeting is on Friday at 10am.",
+        "Penguins mostly live in the southern hemisphere.",
+    ):
+        run(env, "ingest", "-p", p, "-i", "erin", stdin=text)
+    plain = run(env, "search", "10am", "-p", p, "-i", "erin", "--json").stdout.splitlines()
+    assert [json.loads(x)["text"] for x in plain] == [
+        "The budget review meeting is on Friday at 10am."
+    ]
+    linked = run(env, "search", "10am", "-p", p, "-i", "erin", "--json", "--link").stdout
+    texts = [json.loads(x)["text"] for x in linked.splitlines()]
+    assert texts == [
+        "The budget review meeting is on Friday at 10am.",
+        "The budget review meeting is on Friday at 10.",
+    ]
