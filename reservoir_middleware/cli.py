@@ -192,7 +192,8 @@ def add_memory_commands(commands: Any) -> None:
     command(
         "plugins",
         "list loaded plugins and their hooks",
-        "Every loaded plugin (built-in, entry point or blocked) and the hooks it implements.",
+        "Every loaded plugin (built-in, from an entry point or given in code) and the hooks it "
+        "implements; plugins blocked by RSV_DISABLE_PLUGINS are left out.",
         "RSV_DISABLE_PLUGINS=recent reservoir plugins",
     )
 
