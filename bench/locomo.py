@@ -35,12 +35,15 @@ for the diagnostics, is registered in every strategy).
 
 The question is always the newest message, and the recent window holds the
 conversation's last 15 turns, which almost never contain the evidence; the
-window still takes its share of the token budget (semantic units are dropped
-first). That is real behaviour and is reported as it is.
+window still takes its share of the token budget (by default at most a
+quarter of it, `recent_budget_share`). That is real behaviour and is reported
+as it is.
 
-Strategies marked "experimental" are prototypes defined only in this file as
-plugins (hybrid BM25 + dense retrieval, a budget-filling truncation); they
-change no package code.
+"default" is the built-in default: dense (MiniLM) and lexical (BM25)
+candidates fused by reciprocal rank, filling the memory budget in rank order.
+Rows marked "comparison" change one or two settings of it (or restore the
+previous default) to show what each part contributes; they are plain
+settings, no code of this file.
 
 RSV_* environment variables and the user's config file are ignored, and no
 entry-point plugins are loaded, so "default" means the code defaults.
@@ -51,7 +54,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import platform
 import re
@@ -59,11 +61,9 @@ import shlex
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +71,16 @@ import anyio.to_thread
 import numpy as np
 
 from reservoir_middleware import Reservoir, ReservoirSettings, Scope, hookimpl
-from reservoir_middleware.builtins.truncation import truncate as builtin_truncate
+from reservoir_middleware.builtins.lexical import LexicalRetrieval
 from reservoir_middleware.context import (
     RECENT_NOTE,
     SEMANTIC_NOTE,
     Candidate,
     ContextPlan,
-    MemoryUnit,
     RetrievalQuery,
     TokenBudget,
 )
-from reservoir_middleware.records import MessageRecord, chained_id
+from reservoir_middleware.records import chained_id
 from reservoir_middleware.search import terms
 from reservoir_middleware.store import MemoryStore
 from reservoir_middleware.tokens import count_message
@@ -264,196 +263,6 @@ class UserOnlySemantic:
         ]
 
 
-def stem(word: str) -> str:
-    """A deliberately tiny suffix stripper, the same for query and messages
-    (paints/painted/painting -> paint, places/place -> plac, running -> run)."""
-    base = word
-    for suffix in ("ings", "ing", "ies", "ied", "ed", "es", "s"):
-        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
-            base = word[: -len(suffix)]
-            if suffix in ("ies", "ied"):
-                base += "y"
-            elif suffix in ("ing", "ings", "ed") and len(base) > 3 and base[-1] == base[-2]:
-                base = base[:-1]
-            break
-    return base[:-1] if base.endswith("e") and len(base) > 3 else base
-
-
-def lexical_terms(text: str) -> list[str]:
-    """Lower-cased words without common stop words (the package's `terms`), stemmed."""
-    return [stem(t) for t in terms(text)]
-
-
-@dataclass
-class _Bm25:
-    records: list[MessageRecord]
-    docs: list[Counter[str]]
-    lengths: list[int]
-    df: Counter[str]
-    avg: float
-
-
-class Bm25Index:
-    """BM25 (k1=1.2, b=0.75) over every message of a scope, built from the
-    store on first use (`MemoryStore.recent` with the scope's count) and kept
-    current through the store hook of the plugin that owns it."""
-
-    def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
-        self.k1, self.b = k1, b
-        self._scopes: dict[str, _Bm25] = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _build(records: list[MessageRecord]) -> _Bm25:
-        docs = [Counter(lexical_terms(r.text)) for r in records]
-        lengths = [sum(d.values()) for d in docs]
-        df: Counter[str] = Counter(t for d in docs for t in d)
-        avg = (sum(lengths) / len(lengths)) if lengths else 1.0
-        return _Bm25(records, docs, lengths, df, avg or 1.0)
-
-    def scope(self, scope: Scope, store: MemoryStore) -> _Bm25:
-        with self._lock:
-            cached = self._scopes.get(scope.key)
-            if cached is None:
-                records = store.recent(scope, max(store.count(scope), 1))
-                cached = self._scopes[scope.key] = self._build(records)
-            return cached
-
-    def add(self, scope: Scope, records: list[MessageRecord]) -> None:
-        with self._lock:
-            cached = self._scopes.get(scope.key)
-            if cached is not None:
-                self._scopes[scope.key] = self._build([*cached.records, *records])
-
-    def forget(self, scope: Scope) -> None:
-        with self._lock:
-            self._scopes.pop(scope.key, None)
-
-    def rank(self, index: _Bm25, text: str) -> list[tuple[MessageRecord, float]]:
-        """Messages with a positive score, best first."""
-        n = len(index.docs)
-        idf = {
-            t: math.log(1 + (n - index.df[t] + 0.5) / (index.df[t] + 0.5))
-            for t in set(lexical_terms(text))
-            if index.df[t]
-        }
-        scored = []
-        for record, doc, length in zip(index.records, index.docs, index.lengths, strict=True):
-            norm = self.k1 * (1 - self.b + self.b * length / index.avg)
-            score = 0.0
-            for term, weight in idf.items():
-                tf = doc.get(term, 0)
-                if tf:
-                    score += weight * tf * (self.k1 + 1) / (tf + norm)
-            if score > 0:
-                scored.append((record, score))
-        scored.sort(key=lambda pair: pair[1], reverse=True)
-        return scored
-
-
-class HybridRetrieval:
-    """Experimental semantic section: dense (MiniLM cosine) + BM25, fused by rank.
-
-    Each list's top `depth` messages (dense ones at or above `min_similarity`)
-    score the sum of 1/(k + rank) over the lists that hold them. Meant to
-    replace the built-in "semantic" plugin (disable it by name): as the only
-    contributor its order is kept by the core. Returns up to
-    `semantic_context_size` candidates; set it high and let the token budget
-    decide how many are injected.
-    """
-
-    name = "hybrid"
-
-    def __init__(self, k: int = 60, depth: int = 30) -> None:
-        self.k, self.depth = k, depth
-        self.bm25 = Bm25Index()
-
-    @hookimpl
-    async def reservoir_retrieve(
-        self, query: RetrievalQuery, store: MemoryStore
-    ) -> list[Candidate] | None:
-        if query.semantic_limit <= 0 or not query.text:
-            return None
-
-        def lexical() -> list[tuple[MessageRecord, float]]:
-            return self.bm25.rank(self.bm25.scope(query.scope, store), query.text)[: self.depth]
-
-        async def dense() -> list[tuple[MessageRecord, float]]:
-            if query.embedding is None:
-                return []
-            hits = await anyio.to_thread.run_sync(
-                store.query, query.scope, query.embedding, self.depth
-            )
-            return [(r, sim) for r, sim in hits if sim >= query.min_similarity]
-
-        dense_hits, lexical_hits = await asyncio.gather(dense(), anyio.to_thread.run_sync(lexical))
-        fused: dict[str, Candidate] = {}
-        for ranked in (dense_hits, lexical_hits):
-            for rank, (record, _) in enumerate(ranked, 1):
-                cand = fused.setdefault(record.id, Candidate(record, "semantic", 0.0, self.name))
-                cand.score += 1.0 / (self.k + rank)
-        best = sorted(fused.values(), key=lambda c: c.score, reverse=True)
-        return best[: query.semantic_limit + len(query.request_ids) + query.recent_limit]
-
-    @hookimpl
-    def reservoir_store(self, scope: Scope, records: list[MessageRecord], embeddings: Any) -> None:
-        self.bm25.add(scope, records)
-
-    @hookimpl
-    def reservoir_delete(self, scope: Scope) -> None:
-        self.bm25.forget(scope)
-
-
-class BudgetFill:
-    """Experimental truncation: fill the memory budget in rank order.
-
-    With a `context_token_budget`: the newest recent messages up to
-    `recent_share` of the budget, then semantic units best first, each one
-    that still fits (a long unit is skipped, not a reason to stop), then
-    older recent messages while they fit. The built-in truncation then still
-    enforces the model window. Without a budget it leaves the plan alone.
-    """
-
-    name = "budget-fill"
-
-    def __init__(self, recent_share: float = 1.0) -> None:
-        self.recent_share = recent_share
-
-    @hookimpl
-    def reservoir_truncate(self, plan: ContextPlan, budget: TokenBudget) -> ContextPlan | None:
-        limit = budget.context_budget
-        if limit is None:
-            return None
-        count = budget.count_message
-        sem_note = count({"role": "system", "content": SEMANTIC_NOTE})
-        rec_note = count({"role": "system", "content": RECENT_NOTE})
-        recent_cost = [count(r.to_message()) for r in plan.recent]
-        used = 0
-        first_recent = len(plan.recent)  # plan.recent[first_recent:] is kept
-
-        def take_recent(cap: int) -> None:
-            nonlocal used, first_recent
-            while first_recent > 0:
-                extra = recent_cost[first_recent - 1]
-                extra += rec_note if first_recent == len(plan.recent) else 0
-                if used + extra > cap:
-                    return
-                used += extra
-                first_recent -= 1
-
-        take_recent(int(limit * self.recent_share))  # the newest ones, up to their share
-        units: list[MemoryUnit] = []
-        for unit in sorted(plan.semantic, key=lambda u: u.score, reverse=True):
-            extra = sum(count(r.to_message()) for r in unit.records)
-            extra += sem_note if not units else 0
-            if used + extra <= limit:
-                units.append(unit)
-                used += extra
-        take_recent(limit)  # older recent messages, if retrieval left room
-        trimmed = replace(plan, semantic=units, recent=plan.recent[first_recent:])
-        return builtin_truncate(trimmed, budget)
-
-
 class PlanObserver:
     """Keeps the plan handed to truncation (before trimming), for the diagnostics."""
 
@@ -476,7 +285,7 @@ class Strategy:
     label: str
     settings: dict[str, Any]
     plugins: Callable[[], list[object]] = list
-    experimental: bool = False
+    comparison: bool = False
     note: str = ""
 
 
@@ -484,15 +293,10 @@ def _plugins(*factories: Callable[[], object]) -> Callable[[], list[object]]:
     return lambda: [make() for make in factories]
 
 
-# Experimental: many candidates, no pairs (each hit's answer would take the room
-# of another hit), the budget decides how many are injected.
-_FILL = {
-    "context_token_budget": 1000,
-    "semantic_context_size": 100,
-    "pair_answers": False,
-    "synapse_neighbours": 0,
-}
-_HYBRID = {**_FILL, "disable_plugins": ["semantic"]}
+_AT_1000 = {"context_token_budget": 1000}
+# The built-in default before hybrid retrieval: dense only, the top 7 with their
+# answers, the recent window first (semantic memory dropped first under the budget).
+_PREVIOUS = {"disable_plugins": ["lexical"], "fill_budget": False, "recent_budget_share": 1.0}
 
 STRATEGIES: list[Strategy] = [
     Strategy(
@@ -510,81 +314,78 @@ STRATEGIES: list[Strategy] = [
             "context_token_budget": None,
             "pair_answers": False,
             "synapse_neighbours": 0,
-            "disable_plugins": ["semantic"],
+            "disable_plugins": ["semantic", "lexical"],
         },
         _plugins(UserOnlySemantic),
-        note="7 most similar user messages + 15 most recent, no budget",
+        note="7 most similar user messages (dense only) + 15 most recent, no budget",
     ),
-    Strategy("default", "default", {}, note="ReservoirSettings() as it is"),
+    Strategy("default", "default", {}, note="ReservoirSettings() as it is (budget 2,000)"),
     Strategy("default@500", "default @500", {"context_token_budget": 500}),
-    Strategy("default@1000", "default @1000", {"context_token_budget": 1000}),
+    Strategy("default@1000", "default @1000", _AT_1000),
     Strategy("default@2000", "default @2000", {"context_token_budget": 2000}),
     Strategy(
+        "previous@1000",
+        "previous default @1000",
+        {**_AT_1000, **_PREVIOUS},
+        comparison=True,
+        note="before hybrid retrieval: disable_plugins=lexical, fill_budget=false, "
+        "recent_budget_share=1.0 (dense top 7 with answers, recent window first)",
+    ),
+    Strategy(
+        "dense@1000",
+        "dense only @1000",
+        {**_AT_1000, "disable_plugins": ["lexical"]},
+        comparison=True,
+        note="defaults without the lexical plugin (disable_plugins=lexical)",
+    ),
+    Strategy(
+        "recentfirst@1000",
+        "recent first @1000",
+        {**_AT_1000, "recent_budget_share": 1.0},
+        comparison=True,
+        note="defaults with recent_budget_share=1.0: the recent window before semantic memory",
+    ),
+    Strategy(
         "nopair@1000",
-        "default @1000, no pairing",
-        {"context_token_budget": 1000, "pair_answers": False, "synapse_neighbours": 0},
-        experimental=True,
-        note="defaults @1000 without answer pairing and synapse neighbours",
+        "no pairing @1000",
+        {**_AT_1000, "pair_answers": False, "synapse_neighbours": 0},
+        comparison=True,
+        note="defaults without answer pairing and synapse neighbours",
     ),
     Strategy(
-        "dense-fill@1000",
-        "dense fill @1000",
-        _FILL,
-        _plugins(BudgetFill),
-        experimental=True,
-        note="built-in dense search, up to 100 candidates, no pairing, budget filled in "
-        "rank order (BudgetFill); recent window as usual",
+        "allpairs@1000",
+        "20 best hits paired @1000",
+        {**_AT_1000, "semantic_context_size": 20},
+        comparison=True,
+        note="defaults with semantic_context_size=20: each of the best 20 hits brings its "
+        "answer right after it (default: the best 7)",
     ),
     Strategy(
-        "hybrid@1000",
-        "hybrid @1000",
-        _HYBRID,
-        _plugins(HybridRetrieval, BudgetFill),
-        experimental=True,
-        note="dense + BM25, top 30 of each fused by rank (RRF, k=60), no pairing, "
-        "budget filled in rank order; recent window as usual",
-    ),
-    Strategy(
-        "hybrid-r25@1000",
-        "hybrid @1000, recent ≤25%",
-        _HYBRID,
-        _plugins(HybridRetrieval, lambda: BudgetFill(0.25)),
-        experimental=True,
-        note="as hybrid @1000, but the newest recent turns get at most 25% of the budget "
-        "before retrieval (older ones come back only if room is left)",
-    ),
-    Strategy(
-        "hybrid-r25-pair@1000",
-        "hybrid @1000, recent ≤25%, pairing",
-        {**_HYBRID, "pair_answers": True},
-        _plugins(HybridRetrieval, lambda: BudgetFill(0.25)),
-        experimental=True,
-        note="as hybrid @1000, recent ≤25%, with answer pairing (a hit brings its answer "
-        "or question, and the pair is kept or dropped together)",
-    ),
-    Strategy(
-        "hybrid-recent7@1000",
-        "hybrid @1000, 7 recent",
-        {**_HYBRID, "recent_context_size": 7},
-        _plugins(HybridRetrieval, BudgetFill),
-        experimental=True,
-        note="as hybrid @1000 with recent_context_size=7 instead of a share of the budget",
+        "candidates30@1000",
+        "30 candidates @1000",
+        {**_AT_1000, "semantic_candidates": 30},
+        comparison=True,
+        note="defaults with semantic_candidates=30: each retriever proposes 30 (default: 20)",
     ),
     Strategy(
         "dense-norecent@1000",
         "dense @1000, no recent window",
-        {**_FILL, "recent_context_size": 0},
-        _plugins(BudgetFill),
-        experimental=True,
-        note="retriever alone, comparable with the README reference (dense @1000)",
+        {
+            **_AT_1000,
+            "disable_plugins": ["lexical"],
+            "recent_context_size": 0,
+            "semantic_candidates": 60,
+        },
+        comparison=True,
+        note="dense retriever alone, 60 candidates (enough to fill the budget), comparable "
+        "with the README reference (dense @1000)",
     ),
     Strategy(
         "hybrid-norecent@1000",
         "hybrid @1000, no recent window",
-        {**_HYBRID, "recent_context_size": 0},
-        _plugins(HybridRetrieval, BudgetFill),
-        experimental=True,
-        note="retriever alone, comparable with the README reference (dense+BM25 RRF @1000)",
+        {**_AT_1000, "recent_context_size": 0},
+        comparison=True,
+        note="hybrid retriever alone, comparable with the README reference (dense+BM25 RRF @1000)",
     ),
 ]
 BY_KEY = {s.key: s for s in STRATEGIES}
@@ -780,18 +581,20 @@ async def dense_and_lexical_ranks(
     limit: int | None,
 ) -> dict[tuple[str, int], tuple[dict[str, int], dict[str, int]]]:
     """Per question: the rank (1-based) of every stored message by dense cosine
-    and by BM25 (the experimental index), for the missed-evidence diagnostics."""
+    and by BM25 (the built-in lexical index), for the missed-evidence diagnostics."""
     memory, _ = build_reservoir(BY_KEY["default"], data_dir)
-    lexical = Bm25Index()
+    lexical = LexicalRetrieval(blocking_build=10**9)
     out: dict[tuple[str, int], tuple[dict[str, int], dict[str, int]]] = {}
     for conversation in conversations:
         scope = Scope(PARTITION, conversation.instance)
         total = await anyio.to_thread.run_sync(memory.store.count, scope)
-        index = await anyio.to_thread.run_sync(lexical.scope, scope, memory.store)
+        index = await anyio.to_thread.run_sync(lexical.index, scope, memory.store)
+        assert index is not None
         for question in conversation.questions[:limit]:
             hits = await memory.search(PARTITION, conversation.instance, question.text, limit=total)
             dense = {h.record.id: rank for rank, h in enumerate(hits, 1)}
-            bm25 = {r.id: rank for rank, (r, _) in enumerate(lexical.rank(index, question.text), 1)}
+            ranked = index.top(terms(question.text), total)
+            bm25 = {id_: rank for rank, (id_, _) in enumerate(ranked, 1)}
             out[(question.conversation, question.index)] = (dense, bm25)
     return out
 
@@ -821,7 +624,7 @@ def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) ->
         lat = [o.latency_ms for o in out]
         rows.append(
             [
-                s.label + (" (experimental)" if s.experimental else ""),
+                s.label + (" (comparison)" if s.comparison else ""),
                 str(len(out)),
                 f"{mean([o.recall for o in out]):.3f}",
                 f"{mean([float(o.found == len(o.evidence_ids)) for o in out]):.3f}",
@@ -913,27 +716,23 @@ def breakdown_table(
 def missed_evidence(
     outcomes: list[Outcome],
     ranks: dict[tuple[str, int], tuple[dict[str, int], dict[str, int]]],
-    semantic_size: int,
+    depth: int,
 ) -> str:
     total = sum(len(o.evidence_ids) for o in outcomes)
     missed = [(o, e) for o in outcomes for e in o.evidence_ids if e not in o.injected]
     cut = [(o, e) for o, e in missed if e in o.planned_ids]
     not_planned = [(o, e) for o, e in missed if e not in o.planned_ids]
-    bounds: list[tuple[int, str]] = []
-    low = semantic_size + 1
-    for high in sorted({semantic_size + 8, 30, 100}):
-        if high >= low:
-            bounds.append((high, f"{low}-{high}"))
-            low = high + 1
-    bounds.append((10**9, f"over {low - 1}"))
-    buckets = dict.fromkeys((name for _, name in bounds), 0)
-    lexical_top15 = 0
+    bounds = [(depth, f"1-{depth}"), (100, f"{depth + 1}-100"), (10**9, "over 100")]
+    dense_buckets = dict.fromkeys((name for _, name in bounds), 0)
+    bm25_buckets = {**dict.fromkeys((name for _, name in bounds), 0), "no shared word": 0}
     for o, e in not_planned:
         dense, bm25 = ranks[(o.question.conversation, o.question.index)]
         rank = dense.get(e, 10**9)
-        buckets[next(name for bound, name in bounds if rank <= bound)] += 1
-        if bm25.get(e, 10**9) <= 15:
-            lexical_top15 += 1
+        dense_buckets[next(name for bound, name in bounds if rank <= bound)] += 1
+        if e not in bm25:
+            bm25_buckets["no shared word"] += 1
+        else:
+            bm25_buckets[next(name for bound, name in bounds if bm25[e] <= bound)] += 1
     questions_cut = sum(
         1
         for o in outcomes
@@ -941,23 +740,33 @@ def missed_evidence(
     )
     lines = [
         f"- evidence turns: {total}; injected {total - len(missed)}; missed {len(missed)}",
-        f"- missed but retrieved, then cut by the token budget (just below the cut): "
+        f"- missed but retrieved, then cut by the token budget: "
         f"{len(cut)} turns ({len(cut) / total:.1%} of all evidence), in "
         f"{questions_cut} of {len(outcomes)} questions",
-        f"- missed and not retrieved (outside the top {semantic_size} before pairing), "
-        f"by dense rank among all turns of the conversation: "
-        + ", ".join(f"{name}: {n}" for name, n in buckets.items()),
-        f"- of the missed, not retrieved turns, {lexical_top15} are in the BM25 top 15 "
-        f"(experimental index: stop words removed, light stemming)",
+        f"- missed and not retrieved ({len(not_planned)} turns; candidates: each retriever's "
+        f"top {depth}), by dense rank among all turns of the conversation: "
+        + ", ".join(f"{name}: {n}" for name, n in dense_buckets.items())
+        + "; by BM25 rank: "
+        + ", ".join(f"{name}: {n}" for name, n in bm25_buckets.items())
+        + f" (a dense rank within the top {depth} means a similarity below min_similarity, "
+        "or a turn already in the recent window)",
     ]
     return "\n".join(lines)
+
+
+def candidate_depth(strategy: Strategy) -> int:
+    """How many semantic candidates each retriever proposes under a strategy."""
+    cfg = ReservoirSettings(**strategy.settings)
+    if cfg.fill_budget and cfg.context_token_budget is not None:
+        return max(cfg.semantic_context_size, cfg.semantic_candidates)
+    return cfg.semantic_context_size
 
 
 def pairing_note(results: dict[str, list[Outcome]]) -> str:
     lines = []
     for with_pairs, without in (
         ("default@1000", "nopair@1000"),
-        ("hybrid-r25-pair@1000", "hybrid-r25@1000"),
+        ("allpairs@1000", "nopair@1000"),
     ):
         if with_pairs not in results or without not in results:
             continue
@@ -1111,10 +920,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> str:
     focus = "default@1000" if "default@1000" in results else strategies[0].key
     ranks = await dense_and_lexical_ranks(data_dir, conversations, limit)
     out.append(f"## Missed evidence, {BY_KEY[focus].label}\n")
-    size = BY_KEY[focus].settings.get(
-        "semantic_context_size", ReservoirSettings.model_fields["semantic_context_size"].default
-    )
-    out.append(missed_evidence(results[focus], ranks, size) + "\n")
+    out.append(missed_evidence(results[focus], ranks, candidate_depth(BY_KEY[focus])) + "\n")
     pairing = pairing_note(results)
     if pairing:
         out.append("## Answer pairing\n")
@@ -1128,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = [script, *(sys.argv[1:] if argv is None else argv)]
     if args.list_strategies:
         for s in STRATEGIES:
-            flag = " (experimental)" if s.experimental else ""
+            flag = " (comparison)" if s.comparison else ""
             print(f"{s.key:22} {s.label}{flag}: {s.note or s.settings}")
         return 0
     with tempfile.TemporaryDirectory(prefix="rsv-locomo-") as tmp:

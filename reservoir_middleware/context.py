@@ -33,6 +33,9 @@ class RetrievalQuery:
     embedding: list[float] | None
     request_ids: frozenset[str]
     semantic_limit: int
+    """Semantic hits wanted: `semantic_context_size`, or, when they fill a memory
+    budget, `semantic_candidates` per retriever (the budget decides how many
+    are injected). 0: no semantic memory."""
     recent_limit: int
     min_similarity: float
     semantic_scope: Literal["instance", "partition"]
@@ -40,6 +43,17 @@ class RetrievalQuery:
     pending: tuple[MessageRecord, ...] = ()
     """Messages of the scope accepted for storage but perhaps not written yet,
     oldest first (the previous answer, typically): newer than anything stored."""
+    recent_excluded: bool = True
+    """Whether the core leaves the recent window's messages out of the semantic
+    section: it does without a memory budget; under one the window may be cut,
+    so they stay eligible (and are injected once)."""
+
+    @property
+    def semantic_depth(self) -> int:
+        """How many semantic candidates a retriever should propose:
+        `semantic_limit` plus room for those the core leaves out."""
+        excluded = len(self.request_ids) + (self.recent_limit if self.recent_excluded else 0)
+        return self.semantic_limit + excluded
 
 
 @dataclass
@@ -47,14 +61,21 @@ class Candidate:
     """A stored message one retrieval plugin proposes for a section.
 
     `score` is the plugin's own relevance (cosine similarity for the built-in
-    semantic search; higher is better). The core fuses the semantic candidates
-    of every plugin by rank, so scores need not be comparable across plugins.
+    semantic search, BM25 for the lexical one; higher is better). The core
+    fuses the semantic candidates of every plugin by rank, so scores need not
+    be comparable across plugins.
+
+    `resolved=False` (semantic candidates only): the record carries just the id
+    and the scope (`MessageRecord(id, partition, instance, role="", text="")`);
+    the core reads the messages that survive fusion from the store, in one
+    read for all plugins. The built-in retrievers propose such references.
     """
 
     record: MessageRecord
     section: Section
     score: float = 0.0
     source: str = ""
+    resolved: bool = True
 
 
 @dataclass
@@ -121,6 +142,9 @@ class TokenBudget:
     context_budget: int | None
     count_message: Callable[[dict[str, Any]], int]
     count_messages: Callable[[list[dict[str, Any]]], int]
+    recent_share: float = 1.0
+    """The most of `context_budget` the newest recent messages take before
+    semantic memory; older recent messages only get what semantic memory leaves."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ import anyio.to_thread
 
 from .answer import Answer
 from .builtins.chroma_store import ChromaStore
+from .builtins.lexical import LexicalRetrieval
 from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from .builtins.truncation import BudgetTruncation
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
@@ -29,9 +30,9 @@ from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
 from .records import MessageRecord, Scope, chained_id, content_text
 from .search import keyword_search
-from .selection import build_units, fuse, neighbour_ids, recent_window
+from .selection import Hit, build_units, fuse, neighbour_ids, recent_window
 from .settings import ReservoirSettings
-from .tokens import ModelLimits, count_message, count_messages, warm_up_encodings
+from .tokens import REPLY_PRIMING, ModelLimits, count_message, warm_up_encodings
 
 STORED_ROLES = ("user", "assistant", "tool")
 
@@ -66,6 +67,7 @@ class Enrichment:
     failures: list[PluginFailure] = field(default_factory=list)
     changed: bool = False
     records: list[MessageRecord] = field(default_factory=list)
+    visible: list[MessageRecord] = field(default_factory=list)  # shown while in flight
     known: dict[str, list[float]] = field(default_factory=dict)
     stored: asyncio.Task[str | None] | None = None
 
@@ -98,6 +100,7 @@ class Reservoir:
         builtins: list[tuple[str, object]] = [
             ("chroma-store", self.store),
             ("semantic", SemanticRetrieval()),
+            ("lexical", LexicalRetrieval(max_messages=s.lexical_max_messages)),
             ("recent", RecentRetrieval()),
             ("truncate", BudgetTruncation()),
         ]
@@ -179,12 +182,26 @@ class Reservoir:
             result.changed = True
         result.records = records
         result.known = {query_text: embedding} if embedding is not None else {}
+        if store:
+            result.visible = await self._visible(records)
         if store == "with_answer":
-            self._inflight.setdefault(scope.key, []).extend(records)
+            self._inflight.setdefault(scope.key, []).extend(result.visible)
         elif store:
             write = self._write(scope, records, result.known, [])
-            result.stored = self._schedule(scope, write, records)
+            result.stored = self._schedule(scope, write, result.visible)
         return result
+
+    async def _visible(self, records: list[MessageRecord]) -> list[MessageRecord]:
+        """The records as the recent window may show them before they are written:
+        filtered by the `reservoir_prepare_record` plugins (redaction) when any."""
+        if not self.hooks.pm.hook.reservoir_prepare_record.get_hookimpls():
+            return records
+        visible = []
+        for record in records:
+            prepared, _ = await self.hooks.prepare_record(replace(record))
+            if prepared is not None:
+                visible.append(prepared)
+        return visible
 
     def record_answer(
         self,
@@ -222,7 +239,9 @@ class Reservoir:
 
         records = enrichment.records
         preview = answer_record(records[-1].id if records else None)
-        added = [preview] if preview is not None else []
+        # with record filters (redaction) the answer shows once written, filtered
+        filtered = bool(self.hooks.pm.hook.reservoir_prepare_record.get_hookimpls())
+        added = [preview] if preview is not None and not filtered else []
         if enrichment.stored is not None:  # the request is being written already
             stored = enrichment.stored
 
@@ -232,12 +251,12 @@ class Reservoir:
 
             return self._schedule(scope, write_answer(), added)
         write = self._write(scope, records, enrichment.known, [], answer_record)
-        return self._schedule(scope, write, added, release=records)
+        return self._schedule(scope, write, added, release=enrichment.visible)
 
     def discard(self, enrichment: Enrichment) -> None:
         """Forget the messages of a `store="with_answer"` request that will not be sent."""
         inflight = self._inflight.get(enrichment.scope.key, [])
-        for record in enrichment.records:
+        for record in enrichment.visible:
             with contextlib.suppress(ValueError):
                 inflight.remove(record)
 
@@ -315,39 +334,58 @@ class Reservoir:
         def is_in_request(record: MessageRecord) -> bool:
             return record.id in in_request or (record.role, record.text) in request_texts
 
+        # With a memory budget, the hits fill it by rank: ask each retriever for
+        # `semantic_candidates`; without one, the top `semantic_context_size` are injected.
+        fill = s.fill_budget and s.context_token_budget is not None
+        semantic_limit = s.semantic_context_size
+        if fill and semantic_limit:
+            semantic_limit = max(semantic_limit, s.semantic_candidates)
         query = RetrievalQuery(
             scope=scope,
             text=query_text,
             embedding=embedding,
             request_ids=frozenset(in_request),
-            semantic_limit=s.semantic_context_size,
+            semantic_limit=semantic_limit,
             recent_limit=s.recent_context_size,
             min_similarity=s.min_similarity,
             semantic_scope=s.semantic_scope,
             body=body,
             pending=tuple(self._inflight.get(scope.key, ())),
+            recent_excluded=s.context_token_budget is None,
         )
         outcome = await self.hooks.retrieve(query, self.store)
         result.failures.extend(outcome.failures)
         recent = recent_window(outcome.results, s.recent_context_size, is_in_request)
-        recent_ids = {r.id for r in recent}
+        # Under a budget the recent window may be cut (`recent_budget_share`), so its
+        # messages stay eligible as semantic memory; truncation injects each once.
+        recent_ids = {r.id for r in recent} if s.context_token_budget is None else set()
 
         def excluded(record: MessageRecord) -> bool:
             return is_in_request(record) or record.id in recent_ids
 
-        hits = [h for h in fuse(outcome.results) if not excluded(h.record)]
-        hits = hits[: s.semantic_context_size]
+        fused = fuse(outcome.results)
+        if not fill:  # enough for the count after what is left out
+            fused = fused[: query.semantic_depth]
+        hits = [h for h in await self._resolve(fused) if not excluded(h.record)]
+        if not fill:
+            hits = hits[: s.semantic_context_size]
         neighbours: dict[str, MessageRecord] = {}
-        if hits and (s.pair_answers or s.synapse_neighbours):
-            for hit_scope, ids in neighbour_ids(hits).items():
-                found = await anyio.to_thread.run_sync(self.store.get, hit_scope, ids)
-                neighbours.update({r.id: r for r in found})
+        paired = hits[: s.semantic_context_size] if fill else hits  # bring their answers
+        if paired and (s.pair_answers or s.synapse_neighbours):
+            known = {h.record.id: h.record for h in hits}  # an answer is often a hit too
+            for hit_scope, ids in neighbour_ids(paired).items():
+                neighbours.update((i, known[i]) for i in ids if i in known)
+                missing = [i for i in ids if i not in known]
+                if missing:
+                    found = await anyio.to_thread.run_sync(self.store.get, hit_scope, missing)
+                    neighbours.update({r.id: r for r in found})
         units = build_units(
             hits,
             neighbours,
             pair_answers=s.pair_answers,
             synapse_limit=s.synapse_neighbours,
             excluded=excluded,
+            paired=s.semantic_context_size if fill else None,
         )
         lead = leading_system_count(messages)
         return ContextPlan(
@@ -358,13 +396,34 @@ class Reservoir:
             merge_system=s.merge_system_messages,
         )
 
+    async def _resolve(self, hits: list[Hit]) -> list[Hit]:
+        """Read the messages behind references, one store read per scope; a
+        message the store no longer has is left out."""
+        wanted: dict[Scope, list[str]] = {}
+        for hit in hits:
+            if not hit.resolved:
+                wanted.setdefault(hit.record.scope, []).append(hit.record.id)
+        if not wanted:
+            return hits
+        found: dict[str, MessageRecord] = {}
+        for scope, ids in wanted.items():
+            records = await anyio.to_thread.run_sync(self.store.get, scope, ids)
+            found.update((r.id, r) for r in records)
+        return [
+            h if h.resolved else replace(h, record=found[h.record.id], resolved=True)
+            for h in hits
+            if h.resolved or h.record.id in found
+        ]
+
     def _budget(self, model: str | None, limit: int) -> TokenBudget:
+        counter = memoised_counter(model)
         return TokenBudget(
             model=model,
             input_limit=limit,
             context_budget=self.settings.context_token_budget,
-            count_message=lambda m: count_message(m, model),
-            count_messages=lambda ms: count_messages(ms, model),
+            count_message=counter,
+            count_messages=lambda ms: sum(counter(m) for m in ms) + REPLY_PRIMING,
+            recent_share=self.settings.recent_budget_share,
         )
 
     async def _count(self, message: Mapping[str, Any], model: str | None) -> int:
@@ -577,6 +636,24 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=False))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm else 0.0
+
+
+def memoised_counter(model: str | None) -> Callable[[dict[str, Any]], int]:
+    """`count_message` for one request: a plain text message (memory, notes) is
+    tokenised once, however often truncation and the report ask."""
+    memo: dict[tuple[Any, ...], int] = {}
+
+    def count(message: dict[str, Any]) -> int:
+        content = message.get("content")
+        if not isinstance(content, str) or not message.keys() <= {"role", "content", "name"}:
+            return count_message(message, model)
+        key = (message.get("role"), content, message.get("name"))
+        tokens = memo.get(key)
+        if tokens is None:
+            tokens = memo[key] = count_message(message, model)
+        return tokens
+
+    return count
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -72,9 +72,12 @@ def reservoir_retrieve(
 
     Called on every plugin; each returns candidates for the "semantic" or
     "recent" section (or None for none). The core fuses the semantic
-    candidates of all plugins by reciprocal rank, removes messages already in
-    the request, pairs answers, adds synapse neighbours and keeps the top
-    `semantic_context_size`; recent candidates are merged by sequence.
+    candidates of all plugins by reciprocal rank, reads the messages of
+    unresolved candidates (`Candidate.resolved=False`), removes messages
+    already in the request, pairs the best hits' answers, adds synapse
+    neighbours, and keeps the top `semantic_context_size` (without a memory
+    budget) or as many as the budget holds; recent candidates are merged by
+    sequence. Propose about `query.semantic_depth` semantic candidates.
     """
 
 

@@ -1,9 +1,9 @@
 """From the retrieval plugins' candidates to the memory sections of a request.
 
 Semantic candidates of several plugins are fused by reciprocal rank; messages
-already in the request or in the recent window are removed; each hit brings
-its answer (or its question) and its synapse neighbours, the consecutive
-messages it was linked to at storage time.
+already in the request (and, without a memory budget, in the recent window)
+are removed; the best hits bring their answer (or question) and their synapse
+neighbours, the consecutive messages they were linked to at storage time.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Hit:
     record: MessageRecord
     score: float
     similarity: float | None
+    resolved: bool = True  # False: `record` is a reference (id and scope) to read
 
 
 def fuse(outcome: Sequence[tuple[str, list[Candidate]]]) -> list[Hit]:
@@ -48,10 +49,12 @@ def fuse(outcome: Sequence[tuple[str, list[Candidate]]]) -> list[Hit]:
             sim = cand.score if cand.source == "semantic" else None
             hit = best.get(cand.record.id)
             if hit is None:
-                best[cand.record.id] = Hit(cand.record, gain, sim)
+                best[cand.record.id] = Hit(cand.record, gain, sim, cand.resolved)
             else:
                 hit.score += gain
                 hit.similarity = hit.similarity if sim is None else sim
+                if cand.resolved and not hit.resolved:
+                    hit.record, hit.resolved = cand.record, True
     return sorted(best.values(), key=lambda h: h.score, reverse=True)
 
 
@@ -88,17 +91,24 @@ def build_units(
     pair_answers: bool,
     synapse_limit: int,
     excluded: Callable[[MessageRecord], bool],
+    paired: int | None = None,
 ) -> list[MemoryUnit]:
-    """One unit per hit: the hit, its pair and its linked neighbours, in order."""
+    """One unit per hit: the hit, its pair and its linked neighbours, in order.
+
+    Only the best `paired` hits (None: all) bring their pair and neighbours;
+    a later hit that is one of those joins that unit. The others come alone.
+    """
     used: set[str] = set()
     units: list[MemoryUnit] = []
-    for hit in hits:
+    for rank, hit in enumerate(hits):
         record = hit.record
         if record.id in used:
             continue
         members = {record.id: record}
         before = neighbours.get(record.before_id or "")
         after = neighbours.get(record.after_id or "")
+        if paired is not None and rank >= paired:
+            before = after = None
         if pair_answers:
             if record.role == "user" and after is not None and after.role == "assistant":
                 members[after.id] = after

@@ -72,7 +72,11 @@ class ReservoirSettings(BaseSettings):
 
     # enrichment
     semantic_context_size: int = Field(default=7, ge=0, le=200)
+    semantic_candidates: int = Field(default=20, ge=1, le=500)
+    fill_budget: bool = True
     recent_context_size: int = Field(default=15, ge=0, le=500)
+    recent_budget_share: float = Field(default=0.25, ge=0.0, le=1.0)
+    lexical_max_messages: int = Field(default=500_000, ge=0)
     min_similarity: float = Field(default=0.2, ge=-1.0, le=1.0)
     semantic_scope: Literal["instance", "partition"] = "instance"
     synapse_threshold: float = Field(default=0.85, ge=0.0, le=1.0)

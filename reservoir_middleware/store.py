@@ -34,6 +34,20 @@ class MemoryStore(Protocol):
         """The messages with these ids (missing ones are left out)."""
         ...
 
+    def nearest(
+        self, scope: Scope, embedding: Sequence[float], limit: int
+    ) -> list[tuple[str, float]]:
+        """Like `query`, but only the ids with their cosine similarity (cheaper)."""
+        ...
+
+    def documents(
+        self, scope: Scope, offset: int, limit: int, min_seq: int | None = None
+    ) -> list[tuple[str, str]]:
+        """A page of the scope's (id, text) pairs: every message once over all
+        offsets, in a stable order (for indexes kept beside the store); with
+        `min_seq`, only the messages numbered from there on."""
+        ...
+
     def existing_ids(self, scope: Scope, ids: Sequence[str]) -> set[str]: ...
 
     def keyword(self, scope: Scope, terms: Sequence[str], limit: int) -> list[MessageRecord]:

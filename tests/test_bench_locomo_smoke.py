@@ -30,7 +30,7 @@ def test_locomo_benchmark_tiny_run(tmp_path: Path) -> None:
         "--limit-questions",
         "5",
         "--strategies",
-        "default,recent,hybrid-r25@1000",
+        "default,recent,previous@1000",
         "--data-dir",
         str(tmp_path / "data"),
     ]
@@ -48,7 +48,7 @@ def test_locomo_benchmark_tiny_run(tmp_path: Path) -> None:
     assert re.search(header, out, re.M), out
     fraction, number = r"\s+[01]\.\d{3}\s+\|", r"\s+\d+\.\d\s+\|"
     row = r"\|\s+5\s+\|" + fraction * 2 + number * 3 + "$"
-    for label in ("default", "recent only", r"hybrid @1000, recent ≤25% \(experimental\)"):
+    for label in ("default", "recent only", r"previous default @1000 \(comparison\)"):
         assert re.search(rf"^\| {label} {row}", out, re.M), (label, out)
     assert re.search(r"^\| strategy \| 1 multi-hop \(n=\d+\) \|", out, re.M), out
     assert re.search(r"^\| strategy \| 30\.json \(n=5\) \|$", out, re.M), out

@@ -71,14 +71,20 @@ async def test_min_similarity_and_semantic_size(tmp_path: Path) -> None:
             semantic_context_size=1,
             pair_answers=False,
             synapse_neighbours=0,
+            context_token_budget=None,  # with a budget, the hits fill it instead
         )
     )
     await engine.add("p", "i", [{"role": r, "content": t} for r, t in CONVERSATION])
     result = await engine.enrich("p", "i", chat("greyhound"), store=False)
     assert [m.text for m in result.semantic.messages] == [CONVERSATION[0][1]]
-    strict = Reservoir(make_settings(tmp_path, min_similarity=0.99))
+    # min_similarity is a floor for the dense (cosine) candidates only
+    strict = Reservoir(make_settings(tmp_path, min_similarity=0.99, disable_plugins="lexical"))
     none = await strict.enrich("p", "i", chat("greyhound"), store=False)
     assert none.semantic.messages == []
+    lexical = Reservoir(make_settings(tmp_path, min_similarity=0.99, recent_context_size=0))
+    by_word = await lexical.enrich("p", "i", chat("greyhound"), store=False)
+    hit, answer = by_word.semantic.messages  # BM25 found the word; the answer came along
+    assert (hit.text, hit.similarity, answer.text) == (CONVERSATION[0][1], None, CONVERSATION[1][1])
 
 
 async def test_content_chained_ids(tmp_path: Path) -> None:
@@ -244,9 +250,9 @@ async def test_plugins_given_in_code_take_part(tmp_path: Path) -> None:
 
 
 async def test_disabled_plugins_are_blocked(tmp_path: Path) -> None:
-    engine = Reservoir(make_settings(tmp_path, disable_plugins="semantic, recent"))
+    engine = Reservoir(make_settings(tmp_path, disable_plugins="semantic, lexical, recent"))
     names = [name for name, _ in engine.hooks.describe()]
-    assert "semantic" not in names and "recent" not in names and "chroma-store" in names
+    assert not {"semantic", "lexical", "recent"} & set(names) and "chroma-store" in names
     await engine.add("p", "i", [{"role": "user", "content": "I love tea."}])
     result = await engine.enrich("p", "i", chat("What do I love?"), store=False)
     assert result.body["messages"] == [{"role": "user", "content": "What do I love?"}]
@@ -311,3 +317,16 @@ async def test_a_scope_deleted_by_another_engine_is_recreated_cleanly(tmp_path: 
     stored = await gateway.recent("p", "i")
     assert [(r.text, r.seq) for r in stored] == [("fresh start", 0)]
     assert [h.record.text for h in await gateway.search("p", "i", "secret")] == ["fresh start"]
+
+
+async def test_messages_in_flight_are_shown_redacted(tmp_path: Path) -> None:
+    """Before a request's messages are written, the next request's recent window
+    already shows them, but only as the record filters (redaction) leave them."""
+    engine = Reservoir(make_settings(tmp_path), plugins=[Redactor()])
+    first = await engine.enrich("p", "i", chat("my secret is hunter2"), store="with_answer")
+    second = await engine.enrich("p", "i", chat("what did I say?"), store=False)
+    shown = [m.text for m in second.recent.messages]
+    assert shown == ["my secret is [redacted]"]
+    engine.record_answer(first, None)
+    await engine.settle()
+    assert [r.text for r in await engine.recent("p", "i")] == ["my secret is [redacted]"]

@@ -6,14 +6,17 @@ import anyio.to_thread
 
 from ..context import Candidate, RetrievalQuery
 from ..hookspecs import hookimpl
+from ..records import MessageRecord, Scope
 from ..store import MemoryStore
 
 
 class SemanticRetrieval:
     """Messages of the scope most similar to the last user message.
 
-    Asks for more than `semantic_limit` so that messages already in the
-    request can be removed by the core and the section still fills up.
+    Asks for more than `semantic_limit` (`RetrievalQuery.semantic_depth`) so
+    that messages already in the request can be removed by the core and the
+    section still fills up. Proposes references (ids): the core reads the
+    messages that survive fusion.
     """
 
     name = "semantic"
@@ -24,21 +27,28 @@ class SemanticRetrieval:
     ) -> list[Candidate] | None:
         if query.embedding is None or query.semantic_limit <= 0:
             return None
-        want = query.semantic_limit + len(query.request_ids) + query.recent_limit
+        want = query.semantic_depth
         scopes = [query.scope]
         if query.semantic_scope == "partition":
             scopes = await anyio.to_thread.run_sync(store.scopes, query.scope.partition) or scopes
         embedding = query.embedding
         candidates: list[Candidate] = []
         for scope in scopes:
-            hits = await anyio.to_thread.run_sync(store.query, scope, embedding, want)
+            hits = await anyio.to_thread.run_sync(store.nearest, scope, embedding, want)
             candidates.extend(
-                Candidate(record, "semantic", similarity, self.name)
-                for record, similarity in hits
+                Candidate(reference(scope, id_), "semantic", similarity, self.name, False)
+                for id_, similarity in hits
                 if similarity >= query.min_similarity
             )
         candidates.sort(key=lambda c: c.score, reverse=True)
         return candidates
+
+
+def reference(scope: Scope, id_: str) -> MessageRecord:
+    """A stand-in for a stored message, for a `Candidate(..., resolved=False)`."""
+    return MessageRecord(
+        id=id_, partition=scope.partition, instance=scope.instance, role="", text=""
+    )
 
 
 class RecentRetrieval:

@@ -1,18 +1,31 @@
-"""The built-in truncation: fit the plan into the model window and the memory budget.
+"""The built-in truncation: fit the plan into the memory budget and the model window.
 
-Drop order (the design's): least similar semantic unit, then the oldest recent
-message, then the client's own oldest turns. Never dropped: system messages
-and the last message. A section left empty loses its note.
+Memory budget (`context_token_budget`), filled in this order while each part
+fits: the newest recent messages up to `recent_share` of the budget; then the
+semantic units by rank, each hit followed by the rest of its unit (its answer
+or question and synapse neighbours; the engine gives them to the best
+`semantic_context_size` hits only); then older recent messages. A part that
+does not fit is skipped, not a reason to stop: a shorter one after it may fit.
+So under a tight budget a lower-ranked hit's answer gives way before a better
+hit. A message in both sections is injected once, in the recent one.
+
+Model window, drop order (the design's): the lowest-ranked semantic unit, then
+the oldest recent message, then the client's own oldest turns. Never dropped:
+system messages and the last message. A section left empty loses its note.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import anyio.to_thread
 
 from ..context import RECENT_NOTE, SEMANTIC_NOTE, ContextPlan, TokenBudget
 from ..hookspecs import hookimpl
+from ..records import MessageRecord
+
+SMALLEST_MESSAGE = 5  # tokens: with less room left, filling stops
 
 
 class BudgetTruncation:
@@ -42,8 +55,70 @@ def _is_tool_group(conversation: list[dict[str, Any]], group: list[int]) -> bool
     return first.get("role") == "assistant" and bool(first.get("tool_calls"))
 
 
+def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
+    """The parts of the plan's memory that fit `budget.context_budget`, by priority."""
+    limit = budget.context_budget
+    if limit is None:
+        return plan
+    count = budget.count_message
+    costs: dict[str, int] = {}
+
+    def cost(records: list[MessageRecord]) -> int:
+        for r in records:
+            if r.id not in costs:
+                costs[r.id] = count(r.to_message())
+        return sum(costs[r.id] for r in records)
+
+    used = 0
+    recent = plan.recent
+    first_recent = len(recent)  # recent[first_recent:] is kept
+
+    def take_recent(cap: int) -> None:
+        nonlocal used, first_recent
+        while first_recent > 0:
+            extra = cost([recent[first_recent - 1]])
+            if first_recent == len(recent):
+                extra += count({"role": "system", "content": RECENT_NOTE})
+            if used + extra > cap:
+                return
+            used += extra
+            first_recent -= 1
+
+    take_recent(int(limit * budget.recent_share))
+    present = {r.id for r in recent[first_recent:]}  # a hit among them is not repeated
+    units = sorted(plan.semantic, key=lambda u: u.score, reverse=True)
+    order = [(i, is_hit) for i in range(len(units)) for is_hit in (True, False)]
+    kept: dict[int, set[str]] = {}
+    sem_note = count({"role": "system", "content": SEMANTIC_NOTE})
+    for i, is_hit in order:
+        if limit - used < SMALLEST_MESSAGE:
+            break
+        unit = units[i]
+        if not is_hit and i not in kept:
+            continue  # the answer of a hit that did not fit
+        part = [r for r in unit.records if (r.id == unit.hit_id) == is_hit and r.id not in present]
+        extra = cost(part) + (0 if kept else sem_note)
+        if part and used + extra <= limit:
+            kept.setdefault(i, set()).update(r.id for r in part)
+            present.update(r.id for r in part)
+            used += extra
+    for r in recent:  # recent messages injected as semantic memory cost nothing more
+        if r.id in present:
+            costs[r.id] = 0
+    take_recent(limit)
+    # a message in both sections stays in the recent one, where it belongs in time
+    in_recent = {r.id for r in recent[first_recent:]}
+    chosen = [
+        replace(units[i], records=kept_records)
+        for i in sorted(kept)
+        if (kept_records := [r for r in units[i].records if r.id in kept[i] - in_recent])
+    ]
+    return replace(plan, semantic=chosen, recent=recent[first_recent:])
+
+
 def truncate(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     count = budget.count_message
+    plan = fill_budget(plan, budget)
     plan = ContextPlan(
         system=list(plan.system),
         semantic=sorted(plan.semantic, key=lambda u: u.score, reverse=True),
