@@ -38,6 +38,7 @@ from pathlib import Path
 
 from reservoir_middleware import MessageRecord, Scope, hookimpl
 from reservoir_middleware.context import Candidate, RetrievalQuery
+from reservoir_middleware.search import STOP_WORDS as CORE_STOP_WORDS
 from reservoir_middleware.store import MemoryStore
 
 SCHEMA = 1
@@ -51,82 +52,7 @@ logger = logging.getLogger("reservoir.bm25")
 
 # FTS5's unicode61 tokenizer splits on everything that is not a letter or a digit.
 WORD = re.compile(r"[^\W_]+", re.UNICODE)
-STOP_WORDS = frozenset(
-    [
-        "a",
-        "about",
-        "an",
-        "and",
-        "any",
-        "are",
-        "as",
-        "at",
-        "be",
-        "been",
-        "but",
-        "by",
-        "can",
-        "could",
-        "did",
-        "do",
-        "does",
-        "for",
-        "from",
-        "had",
-        "has",
-        "have",
-        "he",
-        "her",
-        "him",
-        "his",
-        "how",
-        "i",
-        "if",
-        "in",
-        "into",
-        "is",
-        "it",
-        "its",
-        "me",
-        "my",
-        "no",
-        "not",
-        "of",
-        "on",
-        "or",
-        "our",
-        "she",
-        "should",
-        "so",
-        "than",
-        "that",
-        "the",
-        "their",
-        "them",
-        "then",
-        "there",
-        "these",
-        "they",
-        "this",
-        "to",
-        "too",
-        "us",
-        "was",
-        "we",
-        "were",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "why",
-        "will",
-        "with",
-        "would",
-        "you",
-        "your",
-    ]
-)
+STOP_WORDS = CORE_STOP_WORDS  # the same list as the core's lexical search
 
 
 def query_terms(text: str) -> list[str]:
