@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, RSV_HOST)")
     serve.add_argument("--port", type=int, help="port (default 3017, RSV_PORT)")
     serve.add_argument("--data-dir", type=Path, help="embedded Chroma directory (RSV_DATA_DIR)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes (default 1, RSV_WORKERS). More than 1 needs a Chroma server "
+        "(`chroma run --path DIR --port 8000`, then RSV_CHROMA_URL=http://127.0.0.1:8000): "
+        "the embedded directory belongs to one process. Each worker keeps its own rate limit "
+        "(rate_limit_per_minute is counted per worker) and its own caches (provider model "
+        "lists, 'auto' probes, keyword indexes)",
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -227,6 +239,7 @@ def config(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .datadir_lock import DataDirInUse, lock_data_dir
     from .gateway import create_app
 
     overrides: dict[str, Any] = {}
@@ -236,8 +249,25 @@ def serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     settings = ReservoirSettings(**overrides)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if settings.workers > 1 and not settings.chroma_url:
+        print(
+            f"reservoir serve: {settings.workers} workers need a Chroma server: embedded memory "
+            f"({settings.data_dir}) can be opened by one process only. Run "
+            f"`chroma run --path {shlex.quote(str(settings.data_dir))} --port 8000` and set "
+            "RSV_CHROMA_URL=http://127.0.0.1:8000, or serve with one worker",
+            file=sys.stderr,
+        )
+        return 1
+    if not settings.chroma_url:
+        try:  # fail now, not with every request un-enriched
+            lock_data_dir(settings.data_dir)
+        except DataDirInUse as exc:
+            print(f"reservoir serve: {exc}", file=sys.stderr)
+            return 1
     where = settings.chroma_url or settings.data_dir
     print(f"reservoir: memory in {where}", file=sys.stderr)
     keys = [
@@ -257,10 +287,50 @@ def serve(args: argparse.Namespace) -> int:
         f"reservoir: clients use {base}/v1/partition/PARTITION/instance/INSTANCE as base URL",
         file=sys.stderr,
     )
+    log_config = uvicorn_log_config(args.log_level)
+    if settings.workers == 1:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            log_config=log_config,
+        )
+        return 0
+    # Each worker process builds its own app from the settings, which it reads from the
+    # environment and the config file: the command-line values go there too.
+    for name, value in overrides.items():
+        os.environ[f"RSV_{name.upper()}"] = str(value)
+    print(f"reservoir: {settings.workers} worker processes", file=sys.stderr)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level
+        "reservoir_middleware.gateway:create_app",
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        log_config=log_config,
     )
     return 0
+
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def uvicorn_log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging plus ours (the `reservoir` logger and the libraries), set up
+    again in every worker process."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["reservoir"] = {"format": LOG_FORMAT}
+    config["handlers"]["reservoir"] = {
+        "formatter": "reservoir",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    config["root"] = {"handlers": ["reservoir"], "level": level.upper()}
+    return config
 
 
 def demo(args: argparse.Namespace) -> int:

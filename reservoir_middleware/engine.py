@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -22,10 +24,12 @@ import anyio.to_thread
 from .answer import Answer
 from .builtins.chroma_store import ChromaStore
 from .builtins.lexical import LexicalRetrieval
+from .builtins.partition_keys import PartitionKeys
 from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from .builtins.truncation import BudgetTruncation
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
 from .embeddings import make_embedding_function
+from .journal import Journal
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
 from .records import MessageRecord, Scope, chained_id, content_text
@@ -33,6 +37,9 @@ from .search import keyword_search
 from .selection import Hit, build_units, fuse, neighbour_ids, recent_window
 from .settings import ReservoirSettings
 from .tokens import REPLY_PRIMING, ModelLimits, count_message, warm_up_encodings
+from .writes import WriteJob, WriteLane, lock_stripe, pending_futures
+
+logger = logging.getLogger("reservoir")
 
 STORED_ROLES = ("user", "assistant", "tool")
 
@@ -69,7 +76,7 @@ class Enrichment:
     records: list[MessageRecord] = field(default_factory=list)
     visible: list[MessageRecord] = field(default_factory=list)  # shown while in flight
     known: dict[str, list[float]] = field(default_factory=dict)
-    stored: asyncio.Task[str | None] | None = None
+    job: WriteJob | None = None  # with store=True: the queued write of the request
 
     @property
     def degraded(self) -> bool:
@@ -103,6 +110,7 @@ class Reservoir:
             ("lexical", LexicalRetrieval(max_messages=s.lexical_max_messages)),
             ("recent", RecentRetrieval()),
             ("truncate", BudgetTruncation()),
+            ("partition-keys", PartitionKeys(s.partition_keys)),
         ]
         self.plugin_manager = make_plugin_manager(
             builtins, plugins, disabled=s.disable_plugins, load_entry_points=s.load_entry_points
@@ -113,10 +121,17 @@ class Reservoir:
             default_window=s.default_context_window,
             default_output_reserve=s.default_output_reserve,
         )
-        self._locks: dict[tuple[int, str], asyncio.Lock] = {}
-        self._pending: dict[str, set[asyncio.Task[Any]]] = {}
+        self._locks: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, asyncio.Lock]
+        ] = weakref.WeakKeyDictionary()
+        self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, WriteLane] = (
+            weakref.WeakKeyDictionary()
+        )
         self._inflight: dict[str, list[MessageRecord]] = {}
+        self._journalling: set[asyncio.Task[None]] = set()
+        self.journal = Journal(s.data_dir / "journal") if s.journal else None
         self._warm = False
+        self._recovered = False
 
     # -- public API ------------------------------------------------------------
 
@@ -132,10 +147,13 @@ class Reservoir:
     ) -> list[str]:
         """Store messages of one scope now; returns the ids newly written."""
         scope = Scope(partition, instance)
-        records = self._records(scope, messages, trace_id or uuid.uuid4().hex, model, source)
-        written: list[str] = []
-        await self._write(scope, records, {}, written)
-        return written
+        trace = trace_id or uuid.uuid4().hex
+        records = self._records(scope, messages, trace, model, source)
+        await self.settle(scope, timeout=30)  # after what the scope has queued
+        job = WriteJob(scope, records, trace_id=trace)
+        async with self._scope_lock(scope):
+            await self._write_jobs(scope, [job])
+        return job.written
 
     async def enrich(
         self,
@@ -187,8 +205,8 @@ class Reservoir:
         if store == "with_answer":
             self._inflight.setdefault(scope.key, []).extend(result.visible)
         elif store:
-            write = self._write(scope, records, result.known, [])
-            result.stored = self._schedule(scope, write, result.visible)
+            result.job = WriteJob(scope, records, result.known, trace_id=trace_id)
+            self._enqueue(result.job, show=result.visible)
         return result
 
     async def _visible(self, records: list[MessageRecord]) -> list[MessageRecord]:
@@ -209,20 +227,20 @@ class Reservoir:
         answer: Answer | None,
         *,
         complete: bool = True,
-    ) -> asyncio.Task[Any]:
+    ) -> asyncio.Future[str | None]:
         """Queue the answer (None: no answer) for storage after the request's messages.
 
         With `enrich(..., store="with_answer")` this writes the request's
-        messages and the answer in one batch; call it exactly once.
+        messages and the answer in one batch, journalled first so that a
+        crash loses nothing; call it exactly once. The future resolves once
+        stored.
         """
         scope = enrichment.scope
-
-        def answer_record(prev_id: str | None) -> MessageRecord | None:
-            if answer is None:
-                return None
+        template = None
+        if answer is not None:
             model = answer.model or enrichment.body.get("model")
-            return MessageRecord(
-                id=chained_id(scope, "assistant", answer.content, answer.tool_calls, prev_id),
+            template = MessageRecord(
+                id="",
                 partition=scope.partition,
                 instance=scope.instance,
                 role="assistant",
@@ -233,25 +251,30 @@ class Reservoir:
                 finish_reason=answer.finish_reason,
                 complete=complete,
                 source="response",
-                prev_id=prev_id,
                 choices=answer.choices if answer.choices > 1 else None,
             )
-
         records = enrichment.records
-        preview = answer_record(records[-1].id if records else None)
+        preview = None
+        if template is not None:
+            preview = answer_after(template, records[-1].id if records else None)
         # with record filters (redaction) the answer shows once written, filtered
         filtered = bool(self.hooks.pm.hook.reservoir_prepare_record.get_hookimpls())
-        added = [preview] if preview is not None and not filtered else []
-        if enrichment.stored is not None:  # the request is being written already
-            stored = enrichment.stored
-
-            async def write_answer() -> None:
-                prev_id = await stored
-                await self._write(scope, [], {}, [], lambda _: answer_record(prev_id))
-
-            return self._schedule(scope, write_answer(), added)
-        write = self._write(scope, records, enrichment.known, [], answer_record)
-        return self._schedule(scope, write, added, release=enrichment.visible)
+        shown = [preview] if preview is not None and not filtered else []
+        if enrichment.job is not None:  # the request is queued already
+            job = WriteJob(
+                scope, [], answer=template, after=enrichment.job, trace_id=enrichment.trace_id
+            )
+            return self._enqueue(job, show=shown)
+        job = WriteJob(
+            scope, records, enrichment.known, answer=template, trace_id=enrichment.trace_id
+        )
+        if filtered:  # nothing unfiltered may reach the disk, so the journal waits for them
+            task = asyncio.ensure_future(self._journal_filtered(job, enrichment.visible))
+            self._journalling.add(task)
+            task.add_done_callback(self._journalling.discard)
+        else:
+            self._journal(job, job.records, job.answer)
+        return self._enqueue(job, show=shown, release=enrichment.visible)
 
     def discard(self, enrichment: Enrichment) -> None:
         """Forget the messages of a `store="with_answer"` request that will not be sent."""
@@ -297,12 +320,15 @@ class Reservoir:
         scope: Scope | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
-        """Wait for queued writes (of one scope, or all) of this event loop."""
-        loop = asyncio.get_running_loop()
-        keys = [scope.key] if scope is not None else list(self._pending)
-        tasks = {t for k in keys for t in self._pending.get(k, ()) if t.get_loop() is loop}
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        """Write now, and wait for, what is queued (for one scope, or all) on this loop."""
+        lane = self._lanes.get(asyncio.get_running_loop())
+        if lane is None:
+            return
+        key = scope.key if scope is not None else None
+        futures = pending_futures(lane.jobs(key))
+        if futures:
+            lane.hurry(key)
+            await asyncio.wait(futures, timeout=timeout)
 
     async def warm_up(self) -> None:
         """Load the embedding model and token encodings, open the store.
@@ -314,6 +340,9 @@ class Reservoir:
         await anyio.to_thread.run_sync(warm_up_encodings)
         await anyio.to_thread.run_sync(lambda: self.store.client)
         self._warm = True
+        if not self._recovered:
+            self._recovered = True
+            await self._recover()
 
     # -- request path ------------------------------------------------------------
 
@@ -472,97 +501,183 @@ class Reservoir:
             prev = record.id
         return records
 
-    def _schedule(
-        self,
-        scope: Scope,
-        coro: Any,
-        records: Sequence[MessageRecord] = (),
-        release: Sequence[MessageRecord] = (),
-    ) -> asyncio.Task[Any]:
-        """Run a write in the background; its records (and `release`, accepted
-        earlier) stay visible to the recent window as in flight until it is
-        done, so no request has to wait for it."""
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        pending = self._pending.setdefault(scope.key, set())
-        pending.add(task)
-        inflight = self._inflight.setdefault(scope.key, [])
-        inflight.extend(records)
+    def _lane(self) -> WriteLane:
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.get(loop)
+        if lane is None:
+            lane = WriteLane(self._write_batch, self.settings.write_delay_ms / 1000)
+            self._lanes[loop] = lane
+        return lane
 
-        def done(t: asyncio.Task[Any]) -> None:
-            pending.discard(t)
-            for record in [*records, *release]:
+    def _enqueue(
+        self,
+        job: WriteJob,
+        show: Sequence[MessageRecord] = (),
+        release: Sequence[MessageRecord] = (),
+    ) -> asyncio.Future[str | None]:
+        """Queue a write; `show` (and `release`, shown earlier) stay visible to the
+        recent window as in flight until it is done, so no request waits for it."""
+        key = job.scope.key
+        inflight = self._inflight.setdefault(key, [])
+        inflight.extend(show)
+        gone = [*show, *release]
+
+        def done(future: asyncio.Future[str | None]) -> None:
+            for record in gone:
                 with contextlib.suppress(ValueError):
                     inflight.remove(record)
-            if not pending:
-                self._pending.pop(scope.key, None)
-            if not inflight and self._inflight.get(scope.key) is inflight:
-                self._inflight.pop(scope.key, None)
-            error = None if t.cancelled() else t.exception()
+            if not inflight and self._inflight.get(key) is inflight:
+                self._inflight.pop(key, None)
+            error = None if future.cancelled() else future.exception()
             if error is not None:
                 log_failure(
-                    "storing memory failed; these messages are not remembered",
+                    "storing memory failed; these messages wait in the journal only",
                     error,
                     level=logging.ERROR,
                 )
 
-        task.add_done_callback(done)
-        return task
+        job.future.add_done_callback(done)
+        self._lane().submit(job)
+        return job.future
 
-    def _lock(self, scope: Scope) -> asyncio.Lock:
-        key = (id(asyncio.get_running_loop()), scope.key)
-        lock = self._locks.get(key)
+    def _journal(
+        self, job: WriteJob, records: list[MessageRecord], answer: MessageRecord | None
+    ) -> None:
+        """Keep the exchange on disk until the store has it (survives a kill)."""
+        if self.journal is None:
+            return
+        data = {
+            "scope": [job.scope.partition, job.scope.instance],
+            "trace_id": job.trace_id,
+            "records": [r.to_dict() for r in records],
+            "answer": answer.to_dict() if answer is not None else None,
+        }
+        try:
+            job.entry = self.journal.append(data)
+        except Exception as exc:
+            log_failure("cannot write the memory journal; a crash would lose queued memory", exc)
+            return
+        if job.future.done():  # stored already
+            self.journal.done(job.entry)
+
+    async def _journal_filtered(self, job: WriteJob, visible: list[MessageRecord]) -> None:
+        """Journal an exchange as the record filters (redaction) leave it; a replay
+        after a crash then stores what the filters returned, filtered again."""
+        if self.journal is None:
+            return
+        answer = None
+        if job.answer is not None:
+            answer, _ = await self.hooks.prepare_record(replace(job.answer))
+        self._journal(job, visible, answer)
+
+    async def _recover(self) -> None:
+        """Queue what dead processes left in their journals (replayed once, by one)."""
+        if self.journal is None:
+            return
+        orphans = await anyio.to_thread.run_sync(lambda: list(self.journal.orphans()))  # type: ignore[union-attr]
+        for path, entries in orphans:
+            logger.info("replaying %d unsaved exchanges from %s", len(entries), path)
+            for entry in entries:
+                try:
+                    job = job_from_journal(entry.data)
+                except (KeyError, TypeError, ValueError) as exc:
+                    logger.error("memory journal %s: bad entry skipped: %r", path, exc)
+                    self.journal.done(entry)
+                    continue
+                job.entry = entry
+                self._enqueue(job)
+
+    @contextlib.asynccontextmanager
+    async def _scope_lock(self, scope: Scope) -> AsyncIterator[None]:
+        """One writer per scope: per event loop, and across processes on a server."""
+        locks = self._locks.setdefault(asyncio.get_running_loop(), {})
+        lock = locks.get(scope.key)
         if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        return lock
+            lock = locks[scope.key] = asyncio.Lock()
+        async with lock:
+            if self.store.single_writer:
+                yield
+                return
+            directory = self.settings.data_dir / "locks"
+            fd = await anyio.to_thread.run_sync(lock_stripe, directory, scope.key)
+            try:
+                yield
+            finally:
+                os.close(fd)
 
-    async def _write(
-        self,
-        scope: Scope,
-        records: list[MessageRecord],
-        known: dict[str, list[float]],
-        written: list[str],
-        answer: Callable[[str | None], MessageRecord | None] | None = None,
-    ) -> str | None:
-        """Store what is new among `records` (and the answer chained after them)
-        in one batch; returns the id the next message chains to."""
-        async with self._lock(scope):
-            ids = [r.id for r in records]
-            existing = set()
-            if ids:
-                existing = await anyio.to_thread.run_sync(self.store.existing_ids, scope, ids)
-            tail = await anyio.to_thread.run_sync(self.store.tail, scope)  # after a first read
-            if len(records) == 1 and records[0].prev_id is None and ids[0] in existing:
-                # A client that sends only its newest message: the same text again is
-                # a new turn, chained to what the scope said last.
-                last = tail[1]
-                if last is not None and last.id != ids[0]:
-                    only = records[0]
-                    chained = chained_id(scope, only.role, only.text, only.tool_calls, last.id)
-                    records = [replace(only, id=chained, prev_id=last.id)]
-                    existing = await anyio.to_thread.run_sync(
-                        self.store.existing_ids, scope, [chained]
-                    )
-            last_id = records[-1].id if records else None
-            reply = answer(last_id) if answer is not None else None
-            if reply is not None:
-                found = await anyio.to_thread.run_sync(self.store.existing_ids, scope, [reply.id])
-                existing |= found
-                records = [*records, reply]
-            fresh: list[MessageRecord] = []
-            for record in records:
-                if record.id in existing:
+    async def _write_batch(self, scope: Scope, jobs: list[WriteJob]) -> None:
+        async with self._scope_lock(scope):
+            await self._write_jobs(scope, jobs)
+        if self.journal is not None:
+            for job in jobs:
+                if job.entry is not None:
+                    self.journal.done(job.entry)
+
+    async def _write_jobs(self, scope: Scope, jobs: list[WriteJob]) -> None:
+        """Store what is new in the jobs, in order, in one batch.
+
+        A client that sends only its newest message and says the same thing
+        again gets a new turn, chained to what the scope said last; a client
+        re-sending its history writes nothing. Each job learns the id the next
+        message chains to (`last_id`) and what it wrote (`written`).
+        """
+        store = self.store
+        ids = [r.id for job in jobs for r in job.records]
+        existing = await anyio.to_thread.run_sync(store.existing_ids, scope, ids) if ids else set()
+        checked = set(ids)
+        traces = [job.trace_id for job in jobs if job.verify and job.trace_id]
+        stored_traces = (
+            await anyio.to_thread.run_sync(store.traces_present, scope, traces) if traces else set()
+        )
+        tail = await anyio.to_thread.run_sync(store.tail, scope)
+        seen = set(existing)
+        last = tail[1]
+        chosen: list[tuple[WriteJob, list[MessageRecord]]] = []
+        for job in jobs:
+            records = job.records
+            prev = job.after.last_id if job.after is not None else None
+            only = records[0] if len(records) == 1 else None
+            if (
+                only is not None
+                and only.prev_id is None
+                and only.id in seen
+                and last is not None
+                and last.id != only.id
+            ):
+                chained = chained_id(scope, only.role, only.text, only.tool_calls, last.id)
+                records = [replace(only, id=chained, prev_id=last.id)]
+            if job.answer is not None:
+                records = [*records, answer_after(job.answer, records[-1].id if records else prev)]
+            job.last_id = records[-1].id if records else prev
+            if job.trace_id in stored_traces:
+                continue
+            new = [r for r in records if r.id not in seen]
+            seen.update(r.id for r in new)
+            if new:
+                last = new[-1]
+            chosen.append((job, new))
+        unchecked = [r.id for _, new in chosen for r in new if r.id not in checked]
+        found = set()
+        if unchecked:
+            found = await anyio.to_thread.run_sync(store.existing_ids, scope, unchecked)
+        fresh: list[MessageRecord] = []
+        known: dict[str, list[float]] = {}
+        for job, new in chosen:
+            known.update(job.known)
+            job.written = []
+            for record in new:
+                if record.id in found:
                     continue
                 prepared, _ = await self.hooks.prepare_record(record)
                 if prepared is not None:
                     fresh.append(prepared)
-            if fresh:
-                try:
-                    await self._store(scope, fresh, known, tail)
-                except Exception:  # stale caches (scope deleted elsewhere)? once more, afresh
-                    tail = await anyio.to_thread.run_sync(self.store.tail, scope)
-                    await self._store(scope, fresh, known, tail)
-                written.extend(r.id for r in fresh)
-            return records[-1].id if records else None
+                    job.written.append(prepared.id)
+        if fresh:
+            try:
+                await self._store(scope, fresh, known, tail)
+            except Exception:  # stale caches (scope deleted elsewhere)? once more, afresh
+                tail = await anyio.to_thread.run_sync(store.tail, scope)
+                await self._store(scope, fresh, known, tail)
 
     async def _store(
         self,
@@ -600,6 +715,25 @@ class Reservoir:
             if failure.plugin == self.store.name:
                 self.store.forget(scope)
                 raise failure.error
+
+
+def answer_after(template: MessageRecord, prev_id: str | None) -> MessageRecord:
+    """The answer record chained after the message it answers."""
+    chained = chained_id(template.scope, "assistant", template.text, template.tool_calls, prev_id)
+    return replace(template, id=chained, prev_id=prev_id)
+
+
+def job_from_journal(data: Mapping[str, Any]) -> WriteJob:
+    """A journalled exchange, to write again (it may be stored already)."""
+    partition, instance = data["scope"]
+    answer = data.get("answer")
+    return WriteJob(
+        Scope(str(partition), str(instance)),
+        [MessageRecord(**r) for r in data["records"]],
+        answer=MessageRecord(**answer) if answer else None,
+        trace_id=data.get("trace_id"),
+        verify=True,
+    )
 
 
 def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -132,11 +132,13 @@ class Gateway:
         return await self._forward(provider, endpoint, body, auth, selected)
 
     def _auth(self, request: Request, provider: Provider) -> str | None:
-        """The client's own Authorization, unless it is a key of this gateway;
-        else the provider's key."""
+        """The client's own Authorization, unless it is a key of this gateway
+        (an API key or a partition key: never sent upstream); else the provider's key."""
         header = request.headers.get("authorization")
-        if header and bearer_token(header) not in self.settings.api_keys:
-            return header
+        if header:
+            token = bearer_token(header)
+            if token not in self.settings.api_keys and token not in self.settings.partition_keys:
+                return header
         return provider.auth_header()
 
     async def _forward(

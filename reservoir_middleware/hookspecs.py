@@ -4,7 +4,8 @@ Every hook is a plain function that may return an awaitable; the core awaits
 it. A plain (non-async) implementation is called in a worker thread, so it may
 block; an `async def` implementation runs on the event loop and must not.
 An implementation that raises is logged with its plugin name and skipped: the
-request still goes through (marked `x-reservoir-status: degraded`).
+request still goes through (marked `x-reservoir-status: degraded`). The one
+exception is `reservoir_authorize`, which fails closed: its failure denies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,27 @@ PROJECT = "reservoir"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def reservoir_authorize(
+    scope: Scope, key: str | None, headers: Mapping[str, str]
+) -> bool | Awaitable[bool | None] | None:
+    """Decide whether a chat request may read and write the memory of `scope`.
+
+    Called once per chat request through the middleware (the plain route's
+    partition `default` included), in plugin order until one denies, before
+    the body is read or memory touched. `key` is the request's key
+    (`X-Reservoir-Key`, else the `Authorization: Bearer` token; None when
+    neither is sent); `headers` are all the request headers (case-insensitive).
+    Return True to grant, False to deny (any False denies, whatever the
+    others say), or None for no opinion. With `partition_keys` configured a
+    request nobody granted is denied; without, a request nobody denied goes
+    through. A denied request gets a 401 (no key) or 403 (a key); the wrapped
+    app is not called. Fails closed: an implementation that raises, returns
+    anything else, or makes the check outlast `memory_timeout_ms` denies the
+    request (503), and the failure is logged with the plugin name.
+    """
 
 
 @hookspec

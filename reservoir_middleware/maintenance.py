@@ -35,7 +35,8 @@ async def import_records(
         by_scope.setdefault(record.scope, []).append((record, vector))
     written = existing = 0
     for scope, items in by_scope.items():
-        async with reservoir._lock(scope):
+        await reservoir.settle(scope, timeout=30)
+        async with reservoir._scope_lock(scope):
             ids = [r.id for r, _ in items]
             stored = await anyio.to_thread.run_sync(reservoir.store.existing_ids, scope, ids)
             fresh: list[tuple[MessageRecord, list[float] | None]] = []

@@ -19,13 +19,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .admin import authorised, match_admin_route, serve_admin
 from .answer import JsonAssembler, StreamAssembler, make_assembler
+from .authorization import KEY_HEADER, check_access
 from .engine import Enrichment, InvalidChatRequest, Reservoir
 from .logs import log_failure
+from .records import Scope as MemoryScope
 from .replies import STATUS_HEADER, TRACE_HEADER, send_error, send_too_long
 from .routes import ChatRoute, InvalidName, match_chat_route
 from .settings import ReservoirSettings
 
 DEGRADED = (STATUS_HEADER, b"degraded")
+SHUTDOWN_WRITE_SECONDS = 10.0
 
 
 class ReservoirMiddleware:
@@ -42,6 +45,10 @@ class ReservoirMiddleware:
         self.app = app
         self.reservoir = reservoir if reservoir is not None else Reservoir(settings, plugins)
         self.settings = settings or self.reservoir.settings
+        # a table on either side requires a grant: never fail open by a mismatch
+        self.keys_required = bool(
+            self.settings.partition_keys or self.reservoir.settings.partition_keys
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -69,6 +76,16 @@ class ReservoirMiddleware:
         if route is None:
             await self.app(scope, receive, send)
             return
+        refusal = await check_access(
+            self.reservoir.hooks,
+            MemoryScope(route.partition, route.instance),
+            scope,
+            required=self.keys_required,
+            timeout=self.settings.memory_timeout_ms / 1000,
+        )
+        if refusal is not None:  # before the body is read: no memory touched
+            await refusal.send(send)
+            return
         exchange = ChatExchange(self.app, self.reservoir, self.settings, route, scope)
         await exchange.run(receive, send)
 
@@ -81,6 +98,11 @@ class ReservoirMiddleware:
             if message.get("type") == "lifespan.startup":
                 task = asyncio.ensure_future(reservoir.warm_up())
                 task.add_done_callback(_log_warm_up)
+            elif message.get("type") == "lifespan.shutdown":
+                try:  # what is left stays in the journal
+                    await reservoir.settle(timeout=SHUTDOWN_WRITE_SECONDS)
+                except Exception as exc:
+                    log_failure("storing queued memory at shutdown failed", exc)
             return message
 
         return wrapped
@@ -199,7 +221,7 @@ class ChatExchange:
         scope["headers"] = [
             (k, v)
             for k, v in self.scope.get("headers") or []
-            if k.lower() not in (b"content-length", b"transfer-encoding")
+            if k.lower() not in (b"content-length", b"transfer-encoding", KEY_HEADER)
         ] + [(b"content-length", str(len(body)).encode("ascii"))]
         replayed = False
 
@@ -218,12 +240,15 @@ class ChatExchange:
                 message = self._on_start(message, extra_headers)
                 await send(message)
                 return
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if last:  # journalled before the client has it all: a crash loses nothing
+                self._on_body(message)
             try:
                 await send(message)
             except BaseException:
                 self.disconnected = True
                 raise
-            if message["type"] == "http.response.body":
+            if message["type"] == "http.response.body" and not last:
                 self._on_body(message)
 
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,15 @@ class Outcome:
 
     results: list[tuple[str, Any]] = field(default_factory=list)
     failures: list[PluginFailure] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the `reservoir_authorize` plugins said about one request."""
+
+    granted: bool = False  # a plugin returned True
+    denied_by: str | None = None  # the plugin that returned False
+    failure: PluginFailure | None = None  # the plugin that failed (a denial too)
 
 
 def make_plugin_manager(
@@ -118,6 +127,26 @@ class Hooks:
             if isinstance(result, dict):
                 body = result
         return body, outcome
+
+    async def authorize(self, scope: Scope, key: str | None, headers: Mapping[str, str]) -> Verdict:
+        """Fail closed, unlike the other hooks: the first False or failure decides.
+        A result that is not True, False or None is a failure (a typo must not allow)."""
+        hook = "reservoir_authorize"
+        kwargs = {"scope": scope, "key": key, "headers": headers}
+        granted = False
+        for impl in self._impls(hook):
+            outcome = Outcome()
+            result = await self._invoke(impl, hook, kwargs, outcome)
+            if result is not None and not isinstance(result, bool):
+                error = TypeError(f"returned {type(result).__name__}, not True, False or None")
+                log_failure(f"plugin {impl.plugin_name!r} failed in {hook}", error)
+                outcome.failures.append(PluginFailure(impl.plugin_name, hook, error))
+            if outcome.failures:
+                return Verdict(failure=outcome.failures[0])
+            if result is False:
+                return Verdict(denied_by=impl.plugin_name)
+            granted = granted or result is True
+        return Verdict(granted=granted)
 
     async def prepare_record(self, record: MessageRecord) -> tuple[MessageRecord | None, Outcome]:
         outcome = Outcome()

@@ -43,6 +43,12 @@ DEFAULT_AUTO_MODELS = (
 )
 
 
+KEY_TABLE_SHAPE = (
+    "partition_keys maps each key to a list of partition names or patterns, e.g. "
+    '{"sk-team-a": ["team-a", "shared-*"]}'
+)
+
+
 class ProviderSettings(BaseModel):
     """An OpenAI-compatible provider for `reservoir serve` (config file `[providers.NAME]`)."""
 
@@ -94,13 +100,25 @@ class ReservoirSettings(BaseSettings):
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     fail_open: bool = True
     memory_timeout_ms: int = Field(default=5000, ge=1)
+    # Answers are stored in batches: an exchange waits at most this long (less
+    # when several are queued) before its scope is written.
+    write_delay_ms: int = Field(default=100, ge=0, le=60_000)
+    # Exchanges answered but not yet stored are kept in `<data_dir>/journal`
+    # and replayed after a crash or a kill.
+    journal: bool = True
     disable_plugins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     load_entry_points: bool = True
     admin_key: str | None = None
+    # Who may use which partitions: key -> partition names or fnmatch patterns.
+    # Env: JSON, `RSV_PARTITION_KEYS='{"sk-team-a": ["team-a", "shared-*"]}'`;
+    # config file: a table, `[partition_keys]` then `"sk-team-a" = ["team-a"]`.
+    # Empty (the default): no key is needed. See `builtins/partition_keys.py`.
+    partition_keys: dict[str, list[str]] = Field(default_factory=dict)
 
     # `reservoir serve`: the standalone gateway
     host: str = "127.0.0.1"
     port: int = Field(default=3017, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)  # more than 1 needs chroma_url
     openai_base_url: str = "https://api.openai.com/v1"
     mistral_base_url: str = "https://api.mistral.ai/v1"
     gemini_base_url: str = "https://generativelanguage.googleapis.com/v1beta/openai"
@@ -120,6 +138,29 @@ class ReservoirSettings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @field_validator("partition_keys", mode="before")
+    @classmethod
+    def _key_table(cls, value: Any) -> Any:
+        """`{"sk-a": "team-a"}` means `{"sk-a": ["team-a"]}`. A key a client cannot
+        send, or an empty pattern, is a typo: refused, without repeating the key."""
+        if not isinstance(value, dict):
+            raise ValueError(KEY_TABLE_SHAPE)
+        table = {}
+        for key, patterns in value.items():
+            if isinstance(patterns, str):
+                patterns = [patterns]
+            if not isinstance(key, str) or not isinstance(patterns, list):
+                raise ValueError(KEY_TABLE_SHAPE)
+            if not key or key != key.strip() or any(ord(ch) < 32 for ch in key):
+                raise ValueError(
+                    "a partition key must be non-empty, without surrounding spaces "
+                    "or control characters"
+                )
+            if not all(isinstance(p, str) and p.strip() for p in patterns):
+                raise ValueError("a partition name or pattern must be a non-empty string")
+            table[key] = patterns
+        return table
 
     @field_validator("embedding", mode="before")
     @classmethod
@@ -150,4 +191,29 @@ class ReservoirSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file_path())
-        return (init_settings, env_settings, toml)
+        return (init_settings, _Replaced(env_settings), _Replaced(toml))
+
+
+class _Replaced(PydanticBaseSettingsSource):
+    """A source whose access tables give way, whole, to a higher-precedence one.
+
+    pydantic-settings merges dicts across sources; for `partition_keys` that
+    would keep a key of the config file valid after the environment (or the
+    code) replaced the table, so a revoked key would still open partitions.
+    """
+
+    TABLES = ("partition_keys",)
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        self.inner._set_current_state(self.current_state)
+        self.inner._set_settings_sources_data(self.settings_sources_data)
+        values = self.inner()
+        taken = [name for name in self.TABLES if name in self.current_state]
+        return {k: v for k, v in values.items() if k not in taken}

@@ -267,6 +267,7 @@ def test_every_hook_is_documented() -> None:
         "reservoir_retrieve",
         "reservoir_truncate",
         "reservoir_delete",
+        "reservoir_authorize",
     }
     for name, doc in hooks.items():
         assert "Return" in doc or "return" in doc, name

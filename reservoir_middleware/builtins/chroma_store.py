@@ -99,7 +99,10 @@ def make_client(data_dir: Path, chroma_url: str | None) -> Any:
             ssl=url.scheme == "https",
             settings=settings,
         )
+    from ..datadir_lock import lock_data_dir
+
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock_data_dir(data_dir)  # one process per directory, else DataDirInUse
     return chromadb.PersistentClient(path=str(data_dir), settings=settings)
 
 
@@ -309,6 +312,17 @@ class ChromaStore:
         if col is None or not ids:
             return set()
         return set(col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"])
+
+    @_retry_if_deleted
+    def traces_present(self, scope: Scope, trace_ids: Sequence[str]) -> set[str]:
+        """Which of these exchanges (trace ids) have messages stored."""
+        col = self.collection(scope)
+        if col is None or not trace_ids:
+            return set()
+        wanted = list(dict.fromkeys(trace_ids))
+        where = {"trace_id": wanted[0]} if len(wanted) == 1 else {"trace_id": {"$in": wanted}}
+        result = col.get(where=where, include=["metadatas"])
+        return {str(m.get("trace_id")) for m in result.get("metadatas") or [] if m}
 
     @_retry_if_deleted
     def keyword(self, scope: Scope, terms: Sequence[str], limit: int) -> list[MessageRecord]:

@@ -1,0 +1,46 @@
+"""The built-in `reservoir_authorize`: the `partition_keys` table (RSV_PARTITION_KEYS).
+
+The table maps a key to partition names or `fnmatch` patterns (`*`, `?`,
+`[seq]`; case-sensitive; `*` also matches `/`). A key grants a partition when
+one of its entries equals the name or matches it as a pattern.
+
+This plugin only grants (True) or has no opinion (None); it never vetoes, so
+another plugin may grant what the table does not. The core denies a request
+that nobody granted whenever the table is not empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
+
+from ..hookspecs import hookimpl
+from ..records import Scope
+
+
+def _digest(key: str) -> bytes:
+    """Keys are looked up by hash, so that timing says nothing about a key's text."""
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def grants(patterns: Sequence[str], partition: str) -> bool:
+    """Whether one of the entries names the partition (exactly, or as a pattern)."""
+    return any(p == partition or fnmatchcase(partition, p) for p in patterns)
+
+
+class PartitionKeys:
+    name = "partition-keys"
+
+    def __init__(self, table: Mapping[str, Sequence[str]]) -> None:
+        self._table = {_digest(key): tuple(patterns) for key, patterns in table.items()}
+
+    @hookimpl
+    async def reservoir_authorize(self, scope: Scope, key: str | None) -> bool | None:
+        """Async and cheap: it runs on the event loop for every chat request."""
+        if key is None or not self._table:
+            return None
+        patterns = self._table.get(_digest(key))
+        if patterns is not None and grants(patterns, scope.partition):
+            return True
+        return None

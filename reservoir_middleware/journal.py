@@ -1,0 +1,179 @@
+"""An append-only file of exchanges answered but not yet in the store.
+
+The middleware writes memory after the answer, in the background and in
+batches. Before the last byte of an answer reaches the client, the exchange
+is appended here (one `write`, no fsync: the kernel keeps it if the process
+is killed); once the store has it, a `done` line follows. A process that
+dies leaves its file behind, unlocked: the next process to start replays
+what has no `done` line. Each process holds an exclusive `flock` on its own
+file, so workers sharing a directory never replay each other's live files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("reservoir")
+
+ROTATE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class JournalEntry:
+    """One exchange in one journal file."""
+
+    id: str
+    data: dict[str, Any]
+    file: _JournalFile | None = None
+
+
+class _JournalFile:
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.outstanding = 0
+
+    def append(self, line: bytes) -> None:
+        os.write(self.fd, line)
+        self.size += len(line)
+
+    def close(self, *, remove: bool) -> None:
+        if remove:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class Journal:
+    """This process's journal in `directory`, and the orphans of dead ones."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._current: _JournalFile | None = None
+
+    def append(self, data: dict[str, Any]) -> JournalEntry:
+        """Record an exchange; raises OSError if the directory is not writable."""
+        entry = JournalEntry(uuid.uuid4().hex, data)
+        line = _line({"entry": entry.id, **data})
+        with self._lock:
+            current = self._open()
+            current.append(line)
+            current.outstanding += 1
+            entry.file = current
+        return entry
+
+    def done(self, entry: JournalEntry) -> None:
+        """The store has the entry: mark it, and drop files with nothing left."""
+        file = entry.file
+        if file is None:
+            return
+        entry.file = None
+        with self._lock:
+            file.outstanding -= 1
+            if file is not self._current:
+                if file.outstanding <= 0:
+                    file.close(remove=True)
+                return
+            if file.outstanding <= 0 and file.size > 64 * 1024:
+                os.ftruncate(file.fd, 0)  # nothing left to replay: start afresh
+                file.size = 0
+            else:
+                file.append(_line({"done": entry.id}))
+
+    def close(self) -> None:
+        """Stop writing; the file stays (with its lock released) if entries are left."""
+        with self._lock:
+            current, self._current = self._current, None
+            if current is not None:
+                current.close(remove=current.outstanding <= 0)
+
+    def _open(self) -> _JournalFile:
+        current = self._current
+        if current is not None and current.size < ROTATE_BYTES:
+            return current
+        if current is not None and current.outstanding <= 0:
+            current.close(remove=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        path = self.directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._current = _JournalFile(path, fd)
+        return self._current
+
+    def orphans(self) -> Iterator[tuple[Path, list[JournalEntry]]]:
+        """Files of processes that are gone, each with its entries not marked done.
+
+        A file is yielded locked by this process; its entries carry it, so
+        `done` removes the file once all of them are stored.
+        """
+        if not self.directory.is_dir():
+            return
+        own = self._current.path if self._current is not None else None
+        for path in sorted(self.directory.glob("*.jsonl")):
+            if path == own:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live process owns it
+                os.close(fd)
+                continue
+            file = _JournalFile(path, fd)
+            entries = _read_entries(path)
+            if not entries:
+                file.close(remove=True)
+                continue
+            file.outstanding = len(entries)
+            for entry in entries:
+                entry.file = file
+            yield path, entries
+
+
+def _line(payload: dict[str, Any]) -> bytes:
+    return (json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n").encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def _read_entries(path: Path) -> list[JournalEntry]:
+    """Entries without a `done` line, in order; a torn last line is skipped."""
+    entries: dict[str, JournalEntry] = {}
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        logger.error("cannot read memory journal %s: %s", path, exc)
+        return []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            payload = json.loads(line.decode("utf-8", "surrogatepass"))
+        except ValueError:
+            logger.warning("memory journal %s:%d is not JSON; skipped", path, number)
+            continue
+        if not isinstance(payload, dict):
+            continue
+        if "done" in payload:
+            entries.pop(str(payload["done"]), None)
+        elif "entry" in payload:
+            entry_id = str(payload.pop("entry"))
+            entries[entry_id] = JournalEntry(entry_id, payload)
+    return list(entries.values())

@@ -1,0 +1,194 @@
+"""The write queue: memory is written after the answer, per scope in order, in batches.
+
+A chroma upsert costs about the same for one message as for ten, and holds
+the interpreter while it runs, so writing each exchange on its own would
+slow the requests that run meanwhile. Exchanges wait here up to
+`write_delay_ms` (or until enough are queued, or someone waits for them),
+then all queued exchanges of a scope go in one batch. A batch that fails
+(the store is down) stays queued and is tried again with a growing pause;
+the journal keeps it across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .logs import log_failure
+from .records import MessageRecord, Scope
+
+if TYPE_CHECKING:
+    from .journal import JournalEntry
+
+FLUSH_RECORDS = 16  # queued messages that trigger a write without waiting
+MAX_BATCH_JOBS = 64
+MAX_QUEUED_JOBS = 2000  # per scope while the store is down; older ones wait in the journal
+RETRY_FIRST = 0.5
+RETRY_MAX = 30.0
+
+
+@dataclass(eq=False)
+class WriteJob:
+    """Messages of one scope to store, and the answer chained after them."""
+
+    scope: Scope
+    records: list[MessageRecord]
+    known: dict[str, list[float]] = field(default_factory=dict)
+    answer: MessageRecord | None = None  # its id and prev_id are set when written
+    after: WriteJob | None = None  # the answer chains after that job's last message
+    trace_id: str | None = None
+    entry: JournalEntry | None = None
+    verify: bool = False  # may be in the store already (replayed, retried): check by trace id
+    visible: list[MessageRecord] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    last_id: str | None = None
+    future: asyncio.Future[str | None] = field(default_factory=lambda: _loop().create_future())
+    queued_at: float = field(default_factory=lambda: _loop().time())
+
+    @property
+    def size(self) -> int:
+        return len(self.records) + (self.answer is not None)
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+WriteBatch = Callable[[Scope, list[WriteJob]], Awaitable[None]]
+
+
+class WriteLane:
+    """The queue and the writer task of one event loop."""
+
+    def __init__(self, write: WriteBatch, delay: float) -> None:
+        self.write = write
+        self.delay = delay
+        self.queues: dict[str, deque[WriteJob]] = {}
+        self.retry_at: dict[str, tuple[float, float]] = {}  # scope key -> (when, pause)
+        self.urgent: set[str] = set()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.queued = 0
+
+    def submit(self, job: WriteJob, *, urgent: bool = False) -> None:
+        queue = self.queues.setdefault(job.scope.key, deque())
+        queue.append(job)
+        self.queued += job.size
+        if len(queue) > MAX_QUEUED_JOBS:
+            dropped = queue.popleft()
+            self.queued -= dropped.size
+            dropped.future.set_exception(
+                RuntimeError("too many exchanges waiting for the store; kept in the journal only")
+            )
+        if urgent:
+            self.urgent.add(job.scope.key)
+        self.wake.set()
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+
+    def hurry(self, key: str | None = None) -> None:
+        """Write now what is queued (for `key`, or everything)."""
+        self.urgent.update([key] if key is not None else self.queues)
+        self.wake.set()
+
+    def jobs(self, key: str | None = None) -> list[WriteJob]:
+        keys = [key] if key is not None else list(self.queues)
+        return [job for k in keys for job in self.queues.get(k, ())]
+
+    async def _run(self) -> None:
+        try:
+            while self.queues:
+                key = await self._next()
+                if key is not None:
+                    await self._write(key)
+        finally:
+            self.task = None
+            if self.queues:  # cancelled with work left: it stays in the journal
+                for queue in self.queues.values():
+                    for job in queue:
+                        if not job.future.done():
+                            job.future.cancel()
+                self.queues.clear()
+
+    async def _next(self) -> str | None:
+        """The scope to write now, once its oldest job is due."""
+        loop = asyncio.get_running_loop()
+        while self.queues:
+            now = loop.time()
+            due: list[tuple[float, str]] = []
+            for key, queue in self.queues.items():
+                at = queue[0].queued_at + self.delay
+                if key in self.urgent or self.queued >= FLUSH_RECORDS:
+                    at = now
+                retry = self.retry_at.get(key)
+                if retry is not None:
+                    at = max(at, retry[0])
+                due.append((at, key))
+            at, key = min(due)
+            if at <= now:
+                return key
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), at - now)
+        return None
+
+    async def _write(self, key: str) -> None:
+        queue = self.queues[key]
+        jobs = list(queue)[:MAX_BATCH_JOBS]
+        try:
+            await self.write(jobs[0].scope, jobs)
+        except Exception as exc:
+            pause = min(RETRY_MAX, self.retry_at.get(key, (0.0, RETRY_FIRST / 2))[1] * 2)
+            self.retry_at[key] = (asyncio.get_running_loop().time() + pause, pause)
+            for job in jobs:
+                job.verify = True  # the failed write may have landed
+            log_failure(
+                f"storing memory failed; {sum(len(q) for q in self.queues.values())} exchanges "
+                f"wait and are retried (next in {pause:.1f} s), the journal keeps them",
+                exc,
+                level=logging.ERROR,
+            )
+            return
+        self.retry_at.pop(key, None)
+        for job in jobs:
+            queue.popleft()
+            self.queued -= job.size
+            if not job.future.done():
+                job.future.set_result(job.last_id)
+        if not queue:
+            del self.queues[key]
+            self.urgent.discard(key)
+
+
+LOCK_STRIPES = 256
+
+
+def lock_stripe(directory: Path, key: str) -> int:
+    """Block until this process holds the cross-process write lock of `key`.
+
+    Workers on one machine sharing a Chroma server take turns per scope
+    (striped over a fixed set of files); release by closing the returned fd.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stripe = int(hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16)
+    path = directory / f"scope-{stripe % LOCK_STRIPES:03d}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def pending_futures(jobs: list[WriteJob]) -> set[asyncio.Future[Any]]:
+    return {job.future for job in jobs if not job.future.done()}
