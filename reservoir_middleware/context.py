@@ -125,7 +125,12 @@ def merged_system(
     """One leading system message, for providers that accept only one."""
     parts = [content_text(m.get("content")) for m in system]
     for note, messages in memory:
-        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        lines = [
+            f"{m['role']} ({m['name']}): {m['content']}"
+            if m.get("name")
+            else f"{m['role']}: {m['content']}"
+            for m in messages
+        ]
         parts.append(note + ":\n" + "\n".join(lines))
     parts = [p for p in parts if p]
     if not parts:

@@ -32,7 +32,7 @@ from .embeddings import make_embedding_function
 from .journal import Journal
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
-from .records import MessageRecord, Scope, chained_id, content_text
+from .records import MessageRecord, Scope, chained_id, content_text, message_text
 from .search import keyword_search
 from .selection import Hit, build_units, fuse, neighbour_ids, recent_window
 from .settings import ReservoirSettings
@@ -42,6 +42,7 @@ from .writes import WriteJob, WriteLane, lock_stripe, pending_futures
 logger = logging.getLogger("reservoir")
 
 STORED_ROLES = ("user", "assistant", "tool")
+BACKPRESSURE_WAIT_S = 2.0  # the longest a request waits for a writer that fell behind
 
 
 class InvalidChatRequest(ValueError):
@@ -174,6 +175,9 @@ class Reservoir:
         scope = Scope(partition, instance)
         if not self._warm:
             await self.warm_up()
+        lane = self._lanes.get(asyncio.get_running_loop())
+        if lane is not None:
+            await lane.wait_for_room(BACKPRESSURE_WAIT_S)
         new_body, rewrite = await self.hooks.rewrite_request(dict(body), scope)
         messages = chat_messages(new_body)
         model = new_body.get("model") if isinstance(new_body.get("model"), str) else None
@@ -358,7 +362,8 @@ class Reservoir:
     ) -> ContextPlan:
         s = self.settings
         in_request = {r.id for r in records}
-        request_texts = {(r.role, r.text) for r in records}
+        # the same words said again are not memory; an empty text (a tool call) says nothing
+        request_texts = {(r.role, r.text) for r in records if r.text}
 
         def is_in_request(record: MessageRecord) -> bool:
             return record.id in in_request or (record.role, record.text) in request_texts
@@ -481,7 +486,7 @@ class Reservoir:
             role = message.get("role")
             if role not in STORED_ROLES:
                 continue
-            text = content_text(message.get("content"))
+            text = message_text(message)
             calls = message.get("tool_calls") if role == "assistant" else None
             record = MessageRecord(
                 id=chained_id(scope, str(role), text, calls, prev),

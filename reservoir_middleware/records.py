@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -86,38 +88,81 @@ class MessageRecord:
             )
             return {"role": "assistant", "content": text}
         message: dict[str, Any] = {"role": self.role, "content": self.text}
-        if self.name:
-            message["name"] = self.name
+        name = message_name(self.name)
+        if name:
+            message["name"] = name
         return message
 
 
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text memory keeps for a chat message: its content's text, or, for an
+    assistant message whose content is empty, its `refusal` (the API's shape of
+    a refused answer: `content: null, refusal: "..."`), as an answer's record
+    keeps it, so the two get the same content-chained id."""
+    text = content_text(message.get("content"))
+    refusal = message.get("refusal")
+    if not text and message.get("role") == "assistant" and isinstance(refusal, str):
+        return refusal
+    return text
+
+
+def message_name(name: str | None) -> str | None:
+    """A `name` as OpenAI accepts it (`[a-zA-Z0-9_-]`, at most 64 characters):
+    other characters become `_`, so a name another provider allowed (`Ana Lima`)
+    never makes an injected message invalid."""
+    if not name:
+        return None
+    return _NAME_INVALID.sub("_", name)[:64]
+
+
+_NAME_INVALID = re.compile(r"[^a-zA-Z0-9_-]")
+_MAX_FILENAME = 120
+
+
 def content_text(content: Any) -> str:
-    """The text of an OpenAI `content` field in any of its allowed shapes."""
+    """The text of an OpenAI `content` field in any of its allowed shapes.
+
+    Text parts give their text (a refusal part its refusal), one per line;
+    media parts give a short marker (`[image]`, `[audio]`, `[file: name]`),
+    never their data: memory is text, and a base64 image is not.
+    """
     if content is None:
         return ""
     if isinstance(content, str):
         return content
+    if isinstance(content, dict):  # not the API's shape, but a lone part is read as one
+        content = [content]
     if isinstance(content, list):
         parts: list[str] = []
         for part in content:
             if isinstance(part, str):
                 parts.append(part)
             elif isinstance(part, dict):
-                kind = part.get("type")
-                if kind in ("text", "input_text", "output_text") or "text" in part:
-                    text = part.get("text")
-                    if isinstance(text, str):
-                        parts.append(text)
-                elif kind == "refusal" and isinstance(part.get("refusal"), str):
-                    parts.append(part["refusal"])
-                elif kind in ("image_url", "input_image"):
-                    parts.append("[image]")
-                elif kind in ("input_audio", "audio"):
-                    parts.append("[audio]")
-                elif kind == "file":
-                    parts.append("[file]")
+                text = _part_text(part)
+                if text is not None:
+                    parts.append(text)
         return "\n".join(parts)
     return json.dumps(content, ensure_ascii=False, sort_keys=True)
+
+
+def _part_text(part: dict[str, Any]) -> str | None:
+    kind = part.get("type")
+    if kind in ("image_url", "input_image", "image"):
+        return "[image]"
+    if kind in ("input_audio", "audio"):
+        return "[audio]"
+    if kind in ("file", "input_file"):
+        file = part.get("file")
+        name = (file if isinstance(file, dict) else part).get("filename")
+        if isinstance(name, str) and name.strip():
+            name = " ".join(name.split())[:_MAX_FILENAME]  # one line, bounded
+            return f"[file: {name}]"
+        return "[file]"
+    if kind == "refusal":
+        refusal = part.get("refusal")
+        return refusal if isinstance(refusal, str) else None
+    text = part.get("text")  # "text", "input_text", "output_text", or untyped
+    return text if isinstance(text, str) else None
 
 
 def canonical_tool_calls(tool_calls: Any) -> list[dict[str, Any]] | None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 FLUSH_RECORDS = 16  # queued messages that trigger a write without waiting
 MAX_BATCH_JOBS = 64
+BACKLOG = 256  # queued exchanges beyond which new requests wait for the writer
 MAX_QUEUED_JOBS = 2000  # per scope while the store is down; older ones wait in the journal
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
@@ -77,15 +78,22 @@ class WriteLane:
         self.urgent: set[str] = set()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        self.queued = 0
+        self.queued = 0  # messages
+        self.backlog = 0  # jobs
+        self.room = asyncio.Event()
+        self.room.set()
 
     def submit(self, job: WriteJob, *, urgent: bool = False) -> None:
         queue = self.queues.setdefault(job.scope.key, deque())
         queue.append(job)
         self.queued += job.size
+        self.backlog += 1
+        if self.backlog > BACKLOG:
+            self.room.clear()
         if len(queue) > MAX_QUEUED_JOBS:
             dropped = queue.popleft()
             self.queued -= dropped.size
+            self._left(1)
             dropped.future.set_exception(
                 RuntimeError("too many exchanges waiting for the store; kept in the journal only")
             )
@@ -94,6 +102,22 @@ class WriteLane:
         self.wake.set()
         if self.task is None:
             self.task = asyncio.ensure_future(self._run())
+
+    async def wait_for_room(self, timeout: float) -> None:
+        """Back-pressure: when writes fall behind a healthy store, the next
+        requests wait (at most `timeout`) instead of letting the queue grow
+        without bound. A store that is down does not slow requests: its
+        writes wait in the journal."""
+        if self.room.is_set() or self.retry_at:
+            return
+        self.hurry()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.room.wait(), timeout)
+
+    def _left(self, jobs: int) -> None:
+        self.backlog -= jobs
+        if self.backlog <= BACKLOG // 2:
+            self.room.set()
 
     def hurry(self, key: str | None = None) -> None:
         """Write now what is queued (for `key`, or everything)."""
@@ -118,13 +142,15 @@ class WriteLane:
                         if not job.future.done():
                             job.future.cancel()
                 self.queues.clear()
+                self.backlog = 0
+                self.room.set()
 
     async def _next(self) -> str | None:
         """The scope to write now, once its oldest job is due."""
         loop = asyncio.get_running_loop()
         while self.queues:
             now = loop.time()
-            due: list[tuple[float, str]] = []
+            due: list[tuple[float, float, str]] = []  # when, then the oldest first
             for key, queue in self.queues.items():
                 at = queue[0].queued_at + self.delay
                 if key in self.urgent or self.queued >= FLUSH_RECORDS:
@@ -132,8 +158,8 @@ class WriteLane:
                 retry = self.retry_at.get(key)
                 if retry is not None:
                     at = max(at, retry[0])
-                due.append((at, key))
-            at, key = min(due)
+                due.append((at, queue[0].queued_at, key))
+            at, _, key = min(due)
             if at <= now:
                 return key
             self.wake.clear()
@@ -159,6 +185,7 @@ class WriteLane:
             )
             return
         self.retry_at.pop(key, None)
+        self._left(len(jobs))
         for job in jobs:
             queue.popleft()
             self.queued -= job.size

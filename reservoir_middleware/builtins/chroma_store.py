@@ -25,6 +25,7 @@ from chromadb.errors import NotFoundError
 from ..hookspecs import hookimpl
 from ..records import MessageRecord, Scope
 from ..store import EmbeddingMismatch
+from .mirror import shared_mirror
 
 COLLECTION_PREFIX = "rsv-"
 RECENT_CACHE = 256  # messages per scope kept in memory (embedded mode)
@@ -124,6 +125,7 @@ class ChromaStore:
         self._recent: dict[str, deque[MessageRecord]] = {}
         self._writes: dict[str, int] = {}  # per scope, to spot a write racing a cache load
         self._tails: dict[str, Tail] = {}  # next seq, last message and its embedding
+        self._mirror = shared_mirror(data_dir)  # whole scopes, for reads by id (embedded)
 
     # -- collections ---------------------------------------------------------
 
@@ -146,6 +148,7 @@ class ChromaStore:
             self._collections.pop(name, None)
             self._recent.pop(name, None)
             self._tails.pop(name, None)
+        self._mirror.forget(name)
 
     def collection(self, scope: Scope, *, create: bool = False) -> Any | None:
         name = collection_name(scope)
@@ -209,6 +212,8 @@ class ChromaStore:
             if self.single_writer:
                 last = max(range(len(records)), key=lambda i: records[i].seq)
                 self._tails[name] = (records[last].seq + 1, records[last], embeddings[last])
+        if self.single_writer:
+            self._mirror.add(name, records)
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
@@ -284,10 +289,25 @@ class ChromaStore:
         result = col.get(where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"])
         return _records(result)[-limit:]
 
+    def _page_loader(self, scope: Scope) -> Callable[[int, int], list[MessageRecord]]:
+        def load(offset: int, limit: int) -> list[MessageRecord]:
+            col = self.collection(scope)
+            if col is None:
+                return []
+            return _records(col.get(include=["documents", "metadatas"], offset=offset, limit=limit))
+
+        return load
+
     @_retry_if_deleted
     def get(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
+        if not ids:
+            return []
+        if self.single_writer:
+            copied = self._mirror.get(collection_name(scope), ids, self._page_loader(scope))
+            if copied is not None:
+                return copied
         col = self.collection(scope)
-        if col is None or not ids:
+        if col is None:
             return []
         unique = list(dict.fromkeys(ids))
         return _records(col.get(ids=unique, include=["documents", "metadatas"]))
@@ -298,8 +318,15 @@ class ChromaStore:
     ) -> list[tuple[str, str]]:
         """One page of the scope's (id, text) pairs, in the store's order
         (only those with `seq >= min_seq` if given)."""
+        if limit <= 0:
+            return []
+        if self.single_writer:  # one read of the scope serves the mirror and the caller
+            name = collection_name(scope)
+            page = self._mirror.documents(name, offset, limit, min_seq, self._page_loader(scope))
+            if page is not None:
+                return page
         col = self.collection(scope)
-        if col is None or limit <= 0:
+        if col is None:
             return []
         where = {"seq": {"$gte": min_seq}} if min_seq is not None else None
         result = col.get(include=["documents"], where=where, offset=offset, limit=limit)
@@ -308,8 +335,14 @@ class ChromaStore:
 
     @_retry_if_deleted
     def existing_ids(self, scope: Scope, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        if self.single_writer:
+            copied = self._mirror.existing(collection_name(scope), ids, self._page_loader(scope))
+            if copied is not None:
+                return copied
         col = self.collection(scope)
-        if col is None or not ids:
+        if col is None:
             return set()
         return set(col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"])
 

@@ -1,0 +1,184 @@
+"""Every record of a scope in this process's memory, for reads by id without Chroma.
+
+Reading 40 messages by id from embedded Chroma costs about 3 ms (SQLite,
+holding the interpreter part of the time); a request reads its fused hits
+and their answers that way, twice. In embedded mode this process is the only
+writer (the data directory is locked), so a copy kept current by our own
+writes stays true: the first read of a scope loads it in a background
+thread (about 4 s per 100k messages) while reads go to Chroma, then ids are
+dictionary lookups. Records are packed as tuples with shared strings, about
+0.6 KB each; beyond `max_records` in all scopes the least recently read
+scopes are dropped and loaded again when read.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from ..logs import log_failure
+from ..records import MessageRecord
+
+FIELDS = tuple(f.name for f in fields(MessageRecord))
+_SHARED = frozenset(
+    {"partition", "instance", "role", "model", "embedding_model", "finish_reason", "source"}
+)
+_LINKS = ("prev_id", "before_id", "after_id", "synapse_prev")
+_LINK_INDEXES = tuple(FIELDS.index(name) for name in _LINKS)
+_SHARED_INDEXES = tuple(FIELDS.index(name) for name in _SHARED)
+_ID = FIELDS.index("id")
+_TEXT = FIELDS.index("text")
+_SEQ = FIELDS.index("seq")
+LOAD_WAIT_S = 300.0
+PAGE = 5_000
+MAX_RECORDS = 500_000
+
+Packed = tuple[object, ...]
+Loader = Callable[[int, int], list[MessageRecord]]  # (offset, limit) -> a page
+
+
+class _ScopeCopy:
+    def __init__(self) -> None:
+        self.rows: dict[str, Packed] = {}
+        self.ready = False
+        self.settled = threading.Event()  # loaded, or failed
+
+
+class RecordMirror:
+    """Packed copies of whole scopes, keyed by collection name; thread-safe."""
+
+    def __init__(self, max_records: int = MAX_RECORDS) -> None:
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self._scopes: OrderedDict[str, _ScopeCopy] = OrderedDict()
+
+    def get(self, name: str, ids: Iterable[str], load: Loader) -> list[MessageRecord] | None:
+        """The records with these ids, by seq; None when the scope is not loaded yet
+        (a load starts in the background)."""
+        copy = self._ready(name, load)
+        if copy is None:
+            return None
+        rows = copy.rows
+        found = [_unpack(rows[i]) for i in dict.fromkeys(ids) if i in rows]
+        return sorted(found, key=lambda r: r.seq)
+
+    def existing(self, name: str, ids: Iterable[str], load: Loader) -> set[str] | None:
+        copy = self._ready(name, load)
+        if copy is None:
+            return None
+        return {i for i in ids if i in copy.rows}
+
+    def documents(
+        self, name: str, offset: int, limit: int, min_seq: int | None, load: Loader
+    ) -> list[tuple[str, str]] | None:
+        """A page of (id, text) in load-then-write order, once the scope is loaded
+        (waits for it); None if it cannot be loaded."""
+        self._ready(name, load)
+        with self._lock:
+            copy = self._scopes.get(name)
+        if copy is None or not copy.settled.wait(LOAD_WAIT_S) or not copy.ready:
+            return None
+        with self._lock:
+            rows = list(copy.rows.values())
+        if min_seq is not None:
+            rows = [row for row in rows if row[_SEQ] >= min_seq]  # type: ignore[operator]
+        return [(str(row[_ID]), str(row[_TEXT])) for row in rows[offset : offset + limit]]
+
+    def add(self, name: str, records: Sequence[MessageRecord]) -> None:
+        """Records just written (also while a load runs: it keeps them)."""
+        with self._lock:
+            copy = self._scopes.get(name)
+            if copy is None:
+                return
+            for record in records:
+                copy.rows[record.id] = _pack(record, copy.rows)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._scopes.pop(name, None)
+
+    def _ready(self, name: str, load: Loader) -> _ScopeCopy | None:
+        with self._lock:
+            copy = self._scopes.get(name)
+            if copy is not None:
+                self._scopes.move_to_end(name)
+                return copy if copy.ready else None
+            copy = self._scopes[name] = _ScopeCopy()
+        threading.Thread(
+            target=self._load, args=(name, copy, load), name="reservoir-mirror", daemon=True
+        ).start()
+        return None
+
+    def _load(self, name: str, copy: _ScopeCopy, load: Loader) -> None:
+        try:
+            offset = 0
+            while True:
+                page = load(offset, PAGE)
+                with self._lock:
+                    if self._scopes.get(name) is not copy:
+                        return  # forgotten meanwhile
+                    for record in page:
+                        if record.id not in copy.rows:
+                            copy.rows[record.id] = _pack(record, copy.rows)
+                if len(page) < PAGE:
+                    break
+                offset += PAGE
+            with self._lock:
+                copy.ready = True
+                self._evict(keep=name)
+        except Exception as exc:
+            log_failure("loading a scope into memory failed; reads go to the store", exc)
+            with self._lock:
+                if self._scopes.get(name) is copy:
+                    del self._scopes[name]
+        finally:
+            copy.settled.set()
+
+    def _evict(self, keep: str) -> None:
+        total = sum(len(c.rows) for c in self._scopes.values())
+        for name in list(self._scopes):
+            if total <= self.max_records:
+                break
+            if name != keep:
+                total -= len(self._scopes.pop(name).rows)
+
+
+_SHARED_MIRRORS: dict[str, RecordMirror] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_mirror(data_dir: Path) -> RecordMirror:
+    """One mirror per data directory in a process: every engine on it (the
+    gateway's, an admin's) sees the others' writes and deletes."""
+    key = str(data_dir.expanduser().resolve())
+    with _SHARED_LOCK:
+        mirror = _SHARED_MIRRORS.get(key)
+        if mirror is None:
+            mirror = _SHARED_MIRRORS[key] = RecordMirror()
+        return mirror
+
+
+def _pack(record: MessageRecord, rows: dict[str, Packed]) -> Packed:
+    values = [getattr(record, name) for name in FIELDS]
+    for index in _SHARED_INDEXES:
+        value = values[index]
+        if isinstance(value, str):
+            values[index] = sys.intern(value)
+    for index in _LINK_INDEXES:  # the linked message's own id string, not a copy
+        value = values[index]
+        if isinstance(value, str):
+            linked = rows.get(value)
+            if linked is not None:
+                values[index] = linked[_ID]
+    return tuple(values)
+
+
+def _unpack(row: Packed) -> MessageRecord:
+    record = MessageRecord(*row)  # type: ignore[arg-type]
+    if record.tool_calls is not None:  # callers may change theirs
+        record.tool_calls = [dict(call) for call in record.tool_calls]
+    return record
