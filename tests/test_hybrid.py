@@ -404,3 +404,25 @@ def test_fill_order_recent_share_then_hits_and_answers_by_rank_then_older_recent
     assert kept(24, share=1.0) == ([], ["r1 x x x", "r2 x x", "r3 x"])
     # share 0: memory first, the recent window only gets what is left
     assert kept(45, share=0.0) == (everything, [])
+
+
+async def test_preload_makes_a_large_scope_searchable_from_its_first_request(
+    tmp_path: Path,
+) -> None:
+    """A scope too large to index on a request is indexed in the background, so
+    its first requests miss BM25 candidates; `preload` does that work up front."""
+    settings = make_settings(tmp_path, disable_plugins="semantic", recent_context_size=0)
+    filler = [f"filler note {n}: the weather was fine and nothing happened" for n in range(1200)]
+    writer = Reservoir(settings)
+    await writer.add("p", "i", users([*filler, "The ferry to Zanzibar leaves at noon."]))
+
+    cold = Reservoir(settings)
+    first = await cold.enrich("p", "i", chat("zanzibar ferry"), store=False)
+    assert first.semantic.messages == []  # still indexing in the background
+
+    warm = Reservoir(settings)
+    await warm.preload("p", "i")
+    found = await warm.enrich("p", "i", chat("zanzibar ferry"), store=False)
+    assert [m.text for m in found.semantic.messages][:1] == [
+        "The ferry to Zanzibar leaves at noon."
+    ]

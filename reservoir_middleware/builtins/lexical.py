@@ -233,6 +233,15 @@ class LexicalRetrieval:
                 self._build(scope, store, entry)
         return entry.index
 
+    def preload(self, scope: Scope, store: MemoryStore) -> None:
+        """Build the scope's index now (blocking), unless it is built already."""
+        with self._lock:
+            entry = self._entries.setdefault(scope.key, _Entry())
+            entry.used = time.monotonic()
+        with entry.build_lock:  # waits for a build in the background, if any
+            if entry.index is None:
+                self._build(scope, store, entry)
+
     def _add(
         self, scope: Scope, entry: _Entry, index: Bm25Index, docs: list[tuple[str, str]]
     ) -> None:

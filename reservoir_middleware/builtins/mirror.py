@@ -13,6 +13,7 @@ scopes are dropped and loaded again when read.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 from collections import OrderedDict
@@ -83,10 +84,11 @@ class RecordMirror:
         if copy is None or not copy.settled.wait(LOAD_WAIT_S) or not copy.ready:
             return None
         with self._lock:
-            rows = list(copy.rows.values())
-        if min_seq is not None:
-            rows = [row for row in rows if row[_SEQ] >= min_seq]  # type: ignore[operator]
-        return [(str(row[_ID]), str(row[_TEXT])) for row in rows[offset : offset + limit]]
+            values: Iterable[Packed] = copy.rows.values()
+            if min_seq is not None:
+                values = (row for row in values if row[_SEQ] >= min_seq)  # type: ignore[operator]
+            rows = list(itertools.islice(values, offset, offset + limit))
+        return [(str(row[_ID]), str(row[_TEXT])) for row in rows]
 
     def add(self, name: str, records: Sequence[MessageRecord]) -> None:
         """Records just written (also while a load runs: it keeps them)."""
