@@ -29,8 +29,8 @@ from .records import MessageRecord, Scope
 if TYPE_CHECKING:
     from .journal import JournalEntry
 
-FLUSH_RECORDS = 16  # queued messages that trigger a write without waiting
-MAX_BATCH_JOBS = 64
+FLUSH_RECORDS = 6  # queued messages that trigger a write without waiting
+MAX_BATCH_JOBS = 8  # exchanges per write: a bigger batch stalls the requests meanwhile
 BACKLOG = 256  # queued exchanges beyond which new requests wait for the writer
 MAX_QUEUED_JOBS = 2000  # per scope while the store is down; older ones wait in the journal
 RETRY_FIRST = 0.5

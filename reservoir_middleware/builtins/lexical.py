@@ -220,7 +220,9 @@ class LexicalRetrieval:
             entry.used = time.monotonic()
             index, busy = entry.index, entry.background
         if index is not None:
-            if not busy and time.monotonic() - entry.checked >= self.refresh_s:
+            # a single writer (embedded Chroma) keeps it current through `reservoir_store`
+            others_write = not getattr(store, "single_writer", False)
+            if others_write and not busy and time.monotonic() - entry.checked >= self.refresh_s:
                 self._in_background(scope, store, entry, self._catch_up)
             return index
         if busy:
