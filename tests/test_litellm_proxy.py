@@ -21,13 +21,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from openai import APIStatusError, AsyncOpenAI
+from openai import APIStatusError, AsyncOpenAI, OpenAI
 
 from tests.conftest import free_port
 from tests.servers import serve_in_thread
@@ -297,3 +298,112 @@ async def test_refused_request_stores_nothing(proxy: Proxy) -> None:
     assert refused.status_code >= 400
     await proxy.ask("bank", "trent", "What is the vault code?")
     assert "4711" not in proxy.upstream.received[-1].text
+
+
+def proxy_env(tmp: Path, upstream_url: str, key: str, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(FOREIGN_PREFIXES) and k not in FOREIGN_NAMES
+    }
+    env.update(
+        OFFLINE_ENV,
+        LITELLM_MASTER_KEY=key,
+        UPSTREAM_BASE_URL=f"{upstream_url}/v1",
+        OPENAI_API_KEY=UPSTREAM_KEY,
+        RSV_DATA_DIR=str(tmp / "memory"),
+        RSV_CONFIG_FILE=str(tmp / "no-config.toml"),
+        **extra,
+    )
+    return env
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def memory_loaded(pid: int) -> bool:
+    """The process has the embedding model (onnxruntime) loaded, as the middleware
+    does at start-up; LiteLLM alone does not load it."""
+    try:
+        return "onnxruntime" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_workers_without_a_chroma_server_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    env = proxy_env(tmp_path, "http://127.0.0.1:9", "sk-" + secrets.token_hex(24))
+    command = [sys.executable, str(PROXY), "--config", str(tmp_path / "config.yaml")]
+    done = subprocess.run(
+        [*command, "--num_workers", "2"], env=env, cwd=tmp_path, capture_output=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert b"need a Chroma server" in done.stderr and b"RSV_CHROMA_URL" in done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_uvicorn_workers_under_litellm_all_have_memory(tmp_path: Path, chroma_server: str) -> None:
+    """`--num_workers 2`: each worker adds the middleware to its own app, and they
+    share memory through the Chroma server."""
+    from .test_workers import children, server_side_owner
+
+    upstream = Upstream()
+    partition = f"lw{secrets.token_hex(5)}"  # the Chroma server is shared by the session
+    with serve_in_thread(upstream.app()) as upstream_url:
+        (tmp_path / "config.yaml").write_text(CONFIG)
+        port, key = free_port(), "sk-" + secrets.token_hex(24)
+        env = proxy_env(tmp_path, upstream_url, key, RSV_CHROMA_URL=chroma_server)
+        command = [sys.executable, str(PROXY), "--config", str(tmp_path / "config.yaml")]
+        command += ["--port", str(port), "--num_workers", "2"]
+        output = tmp_path / "proxy.log"
+        with output.open("wb") as log:
+            process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_until_live(process, url, output)
+            deadline = time.monotonic() + 120
+            workers: set[int] = set()
+            while len(workers) < 2 and time.monotonic() < deadline:
+                workers = {pid for pid in children(process.pid) if "spawn_main" in cmdline(pid)}
+                time.sleep(0.1)
+            assert len(workers) == 2
+            served: set[int] = set()
+
+            def remember_and_recall(n: int) -> None:  # on a connection of its own
+                base = f"{url}/v1/partition/{partition}/instance/u{n}"
+                with OpenAI(base_url=base, api_key=key, max_retries=0, timeout=60) as ai:
+                    for text in (f"My badge number is {7000 + n}.", "What is my badge number?"):
+                        raw = ai.chat.completions.with_raw_response.create(
+                            model="gpt-4o", messages=[{"role": "user", "content": text}]
+                        )
+                        assert "x-reservoir-trace-id" in raw.headers  # this worker has memory
+                        stream = raw.http_response.extensions["network_stream"]
+                        client_port = stream.get_extra_info("client_addr")[1]
+                        served.add(server_side_owner(port, client_port, children(process.pid)))
+
+            with ThreadPoolExecutor(6) as pool:
+                list(pool.map(remember_and_recall, range(16)))
+            questions = [r for r in upstream.received if "What is my badge" in r.body.decode()]
+            for received in questions:
+                messages = received.json["messages"]
+                asked = json.dumps(messages)
+                badge = [m for m in messages if "My badge number is" in str(m.get("content"))]
+                assert badge, f"the fact was not recalled: {asked}"
+            assert served <= workers
+            # Which worker accepts a connection is the kernel's choice (often always the
+            # same one), so show instead that each loaded the memory at start-up.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not all(map(memory_loaded, workers)):
+                time.sleep(0.2)
+            assert all(map(memory_loaded, workers))
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
