@@ -28,7 +28,7 @@ from .builtins.partition_keys import PartitionKeys
 from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from .builtins.truncation import BudgetTruncation
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
-from .embeddings import MiniLMEmbedding, make_embedding_function
+from .embeddings import make_embedding_function
 from .journal import Journal
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
@@ -104,10 +104,6 @@ class Reservoir:
             api_key=s.embedding_api_key,
             threads=s.embedding_threads,
         )
-        # Writes embed off the request path: on the bundled model with one thread of
-        # their own, so a batch of answers leaves a core to the requests meanwhile.
-        bundled = isinstance(self.embedder, MiniLMEmbedding)
-        self.write_embedder = MiniLMEmbedding(threads=1) if bundled else self.embedder
         self.store = ChromaStore(s.data_dir, s.chroma_url, self.embedding_model)
         builtins: list[tuple[str, object]] = [
             ("chroma-store", self.store),
@@ -713,7 +709,7 @@ class Reservoir:
         texts = [embedding_text(r) for r in fresh]
         missing = [t for t in dict.fromkeys(texts) if t not in known]
         if missing:
-            vectors = await anyio.to_thread.run_sync(self.write_embedder, missing)
+            vectors = await anyio.to_thread.run_sync(self.embedder, missing)
             known = {
                 **known,
                 **{t: [float(x) for x in v] for t, v in zip(missing, vectors, strict=True)},

@@ -185,12 +185,19 @@ class WriteLane:
             )
             return
         self.retry_at.pop(key, None)
-        self._left(len(jobs))
-        for job in jobs:
-            queue.popleft()
+        removed = 0
+        for job in jobs:  # a job dropped meanwhile (queue overflow) is gone already
+            if queue and queue[0] is job:
+                queue.popleft()
+            elif job in queue:
+                queue.remove(job)
+            else:
+                continue
+            removed += 1
             self.queued -= job.size
             if not job.future.done():
                 job.future.set_result(job.last_id)
+        self._left(removed)
         if not queue:
             del self.queues[key]
             self.urgent.discard(key)
