@@ -92,6 +92,24 @@ class Proxy:
             )
 
 
+def proxy_env(tmp: Path, upstream_url: str, key: str, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(FOREIGN_PREFIXES) and k not in FOREIGN_NAMES
+    }
+    env.update(
+        OFFLINE_ENV,
+        LITELLM_MASTER_KEY=key,
+        UPSTREAM_BASE_URL=f"{upstream_url}/v1",
+        OPENAI_API_KEY=UPSTREAM_KEY,
+        RSV_DATA_DIR=str(tmp / "memory"),
+        RSV_CONFIG_FILE=str(tmp / "no-config.toml"),
+        **extra,
+    )
+    return env
+
+
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     tmp = tmp_path_factory.mktemp("litellm")
@@ -99,19 +117,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     with serve_in_thread(upstream.app()) as upstream_url:
         (tmp / "config.yaml").write_text(CONFIG)
         port, key = free_port(), "sk-" + secrets.token_hex(24)
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(FOREIGN_PREFIXES) and k not in FOREIGN_NAMES
-        }
-        env.update(
-            OFFLINE_ENV,
-            LITELLM_MASTER_KEY=key,
-            UPSTREAM_BASE_URL=f"{upstream_url}/v1",
-            OPENAI_API_KEY=UPSTREAM_KEY,
-            RSV_DATA_DIR=str(tmp / "memory"),
-            RSV_CONFIG_FILE=str(tmp / "no-config.toml"),
-        )
+        env = proxy_env(tmp, upstream_url, key)
         command = [sys.executable, str(PROXY), "--config", str(tmp / "config.yaml")]
         command += ["--host", "127.0.0.1", "--port", str(port)]
         output = tmp / "proxy.log"
@@ -298,24 +304,6 @@ async def test_refused_request_stores_nothing(proxy: Proxy) -> None:
     assert refused.status_code >= 400
     await proxy.ask("bank", "trent", "What is the vault code?")
     assert "4711" not in proxy.upstream.received[-1].text
-
-
-def proxy_env(tmp: Path, upstream_url: str, key: str, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(FOREIGN_PREFIXES) and k not in FOREIGN_NAMES
-    }
-    env.update(
-        OFFLINE_ENV,
-        LITELLM_MASTER_KEY=key,
-        UPSTREAM_BASE_URL=f"{upstream_url}/v1",
-        OPENAI_API_KEY=UPSTREAM_KEY,
-        RSV_DATA_DIR=str(tmp / "memory"),
-        RSV_CONFIG_FILE=str(tmp / "no-config.toml"),
-        **extra,
-    )
-    return env
 
 
 def cmdline(pid: int) -> str:
