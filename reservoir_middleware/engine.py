@@ -172,12 +172,19 @@ class Reservoir:
         exchange); until then they already count as the scope's newest
         messages. `store=False` stores nothing.
         """
-        scope = Scope(partition, instance)
         if not self._warm:
-            await self.warm_up()
-        lane = self._lanes.get(asyncio.get_running_loop())
-        if lane is not None:
-            await lane.wait_for_room(BACKPRESSURE_WAIT_S)
+            await self._warm_up_engine()
+        lane = self._lane()
+        await lane.wait_for_room(BACKPRESSURE_WAIT_S)
+        lane.busy += 1  # writes wait for a quiet moment
+        try:
+            return await self._enrich(Scope(partition, instance), body, store)
+        finally:
+            lane.quiet()
+
+    async def _enrich(
+        self, scope: Scope, body: Mapping[str, Any], store: bool | Literal["with_answer"]
+    ) -> Enrichment:
         new_body, rewrite = await self.hooks.rewrite_request(dict(body), scope)
         messages = chat_messages(new_body)
         model = new_body.get("model") if isinstance(new_body.get("model"), str) else None
@@ -354,9 +361,14 @@ class Reservoir:
         Called at application start-up by the middleware, else by the first
         request, so that no loading ever happens on the event loop.
         """
+        await self._warm_up_engine()
+        await anyio.to_thread.run_sync(lambda: self.store.client)
+
+    async def _warm_up_engine(self) -> None:
+        """What requests need besides the store: a store that is down must not
+        stop them from being answered and recorded (the journal keeps them)."""
         await self._embed_one("warm up")
         await anyio.to_thread.run_sync(warm_up_encodings)
-        await anyio.to_thread.run_sync(lambda: self.store.client)
         self._warm = True
         if not self._recovered:
             self._recovered = True

@@ -2,9 +2,11 @@
 
 A chroma upsert costs about the same for one message as for ten, and holds
 the interpreter while it runs, so writing each exchange on its own would
-slow the requests that run meanwhile. Exchanges wait here up to
-`write_delay_ms` (or until enough are queued, or someone waits for them),
-then all queued exchanges of a scope go in one batch. A batch that fails
+slow the requests that run meanwhile. Exchanges wait here until no request
+has been enriched for a moment (with think time between requests, the write
+happens in it), at most `write_delay_ms` (or until enough are queued, or
+someone waits for them); then all queued exchanges of a scope go in one
+batch. A batch that fails
 (the store is down) stays queued and is tried again with a growing pause;
 the journal keeps it across restarts.
 """
@@ -16,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,6 +32,7 @@ from .records import MessageRecord, Scope
 if TYPE_CHECKING:
     from .journal import JournalEntry
 
+IDLE_S = 0.002  # no request enriched for this long: a good moment to write
 FLUSH_RECORDS = 6  # queued messages that trigger a write without waiting
 MAX_BATCH_JOBS = 8  # exchanges per write: a bigger batch stalls the requests meanwhile
 BACKLOG = 256  # queued exchanges beyond which new requests wait for the writer
@@ -82,6 +86,17 @@ class WriteLane:
         self.backlog = 0  # jobs
         self.room = asyncio.Event()
         self.room.set()
+        self.busy = 0  # requests being enriched on this loop
+        self.quiet_since = 0.0
+
+    def quiet(self) -> None:
+        """A request's enrichment is over: once none runs for `IDLE_S`, write."""
+        self.busy -= 1
+        if self.busy <= 0:
+            self.busy = 0
+            self.quiet_since = asyncio.get_running_loop().time()
+            if self.queues:
+                self.wake.set()
 
     def submit(self, job: WriteJob, *, urgent: bool = False) -> None:
         queue = self.queues.setdefault(job.scope.key, deque())
@@ -151,8 +166,9 @@ class WriteLane:
         while self.queues:
             now = loop.time()
             due: list[tuple[float, float, str]] = []  # when, then the oldest first
+            idle_at = self.quiet_since + IDLE_S if self.busy == 0 else math.inf
             for key, queue in self.queues.items():
-                at = queue[0].queued_at + self.delay
+                at = min(queue[0].queued_at + self.delay, max(idle_at, queue[0].queued_at))
                 if key in self.urgent or self.queued >= FLUSH_RECORDS:
                     at = now
                 retry = self.retry_at.get(key)

@@ -52,22 +52,25 @@ async def recent_texts(http: httpx.AsyncClient, base: str, scope: str) -> list[s
 
 
 async def test_sigkill_loses_no_answered_exchange(tmp_path: Path) -> None:
-    """Writes wait in a queue after the answer; a SIGKILL then must not lose them:
-    after a restart every exchange whose response completed is in memory, once."""
+    """The gateway is killed while answered exchanges still wait to be written (its
+    Chroma server is down, so every write fails and waits for a retry): after a
+    restart, with the server back, every exchange whose response completed is in
+    memory, once, replayed from the journal."""
     script = str(Path(sys.executable).with_name("reservoir"))
     upstream = Upstream()
+    chroma_port = free_port()
     sent: dict[str, list[str]] = {"alpha": [], "beta": []}
     async with serve(upstream.app()) as upstream_url:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        # writes held back for a minute: only the journal can save them
-        env = serve_env(tmp_path, upstream_url, port, RSV_WRITE_DELAY_MS="60000")
+        chroma = f"http://127.0.0.1:{chroma_port}"
+        env = serve_env(tmp_path, upstream_url, port, RSV_CHROMA_URL=chroma)
         async with running([script, "serve"], env, f"{base}/health") as process:
             for scope in sent:
                 async with AsyncOpenAI(
                     base_url=f"{base}/v1/partition/{scope}/instance/i", api_key="k", max_retries=0
                 ) as ai:
-                    for n in range(1):  # 4 messages: fewer than a write waits for
+                    for n in range(3):
                         text = f"{scope} fact number {n}: the {scope} key is in drawer {n}"
                         messages = [{"role": "user", "content": text}]
                         if (n + (scope == "beta")) % 2:
@@ -83,14 +86,17 @@ async def test_sigkill_loses_no_answered_exchange(tmp_path: Path) -> None:
                             answer = reply.choices[0].message.content or ""
                         assert answer == f"Echo: {text}"
                         sent[scope] += [text, answer]
+            await asyncio.sleep(1.0)  # the writer tries (and fails) meanwhile
             process.popen.kill()
             await asyncio.to_thread(process.popen.wait, 30)
+        assert "storing memory failed" in process.output  # the writes were tried, and failed
         assert list((tmp_path / "mem" / "journal").glob("*.jsonl")), "no journal left behind"
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = serve_env(tmp_path, upstream_url, port)
+        env = serve_env(tmp_path, upstream_url, port, RSV_CHROMA_URL=chroma)
         async with (
+            chroma_process(tmp_path / "chroma", chroma_port),
             running([script, "serve"], env, f"{base}/health") as process,
             httpx.AsyncClient(timeout=10) as http,
         ):
@@ -100,7 +106,7 @@ async def test_sigkill_loses_no_answered_exchange(tmp_path: Path) -> None:
                     break
                 await asyncio.sleep(0.2)
         assert stored == sent, process.output[-3000:]
-        assert "replaying 2 unsaved exchanges" in process.output
+        assert "replaying 6 unsaved exchanges" in process.output
 
 
 @contextlib.asynccontextmanager
