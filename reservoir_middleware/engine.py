@@ -42,7 +42,8 @@ from .writes import WriteJob, WriteLane, lock_stripe, pending_futures
 logger = logging.getLogger("reservoir")
 
 STORED_ROLES = ("user", "assistant", "tool")
-BACKPRESSURE_WAIT_S = 2.0  # the longest a request waits for a writer that fell behind
+BACKPRESSURE_WAIT_S = 2.0
+SETTLE_POLL_S = 0.05  # the longest a request waits for a writer that fell behind
 
 
 class InvalidChatRequest(ValueError):
@@ -331,15 +332,30 @@ class Reservoir:
         scope: Scope | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> None:
-        """Write now, and wait for, what is queued (for one scope, or all) on this loop."""
-        lane = self._lanes.get(asyncio.get_running_loop())
+        """Write now, and wait for, what is queued (for one scope, or all) on this loop.
+
+        Returns early when the store fails those writes: they then wait for a
+        retry (and stay in the journal) instead of holding the caller.
+        """
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.get(loop)
         if lane is None:
             return
         key = scope.key if scope is not None else None
-        futures = pending_futures(lane.jobs(key))
-        if futures:
-            lane.hurry(key)
-            await asyncio.wait(futures, timeout=timeout)
+        jobs = lane.jobs(key)
+        futures = pending_futures(jobs)
+        if not futures:
+            return
+        lane.hurry(key, retry_now=True)
+        deadline = None if timeout is None else loop.time() + timeout
+        while futures:
+            step = SETTLE_POLL_S if deadline is None else min(SETTLE_POLL_S, deadline - loop.time())
+            if step <= 0:
+                return
+            _, futures = await asyncio.wait(futures, timeout=step)
+            waiting = {job.scope.key for job in jobs if not job.future.done()}
+            if waiting and waiting <= lane.retry_at.keys():  # the store fails them
+                return
 
     async def preload(self, partition: str, instance: str) -> None:
         """Load a scope's in-memory copies now (embedded mode: its messages by id;

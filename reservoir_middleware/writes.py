@@ -134,9 +134,14 @@ class WriteLane:
         if self.backlog <= BACKLOG // 2:
             self.room.set()
 
-    def hurry(self, key: str | None = None) -> None:
-        """Write now what is queued (for `key`, or everything)."""
-        self.urgent.update([key] if key is not None else self.queues)
+    def hurry(self, key: str | None = None, *, retry_now: bool = False) -> None:
+        """Write now what is queued (for `key`, or everything); with `retry_now`
+        also what waits for a retry after a failure."""
+        keys = [key] if key is not None else list(self.queues)
+        self.urgent.update(keys)
+        if retry_now:
+            for each in keys:
+                self.retry_at.pop(each, None)
         self.wake.set()
 
     def jobs(self, key: str | None = None) -> list[WriteJob]:
