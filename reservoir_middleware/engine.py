@@ -175,13 +175,8 @@ class Reservoir:
         """
         if not self._warm:
             await self._warm_up_engine()
-        lane = self._lane()
-        await lane.wait_for_room(BACKPRESSURE_WAIT_S)
-        lane.busy += 1  # writes wait for a quiet moment
-        try:
-            return await self._enrich(Scope(partition, instance), body, store)
-        finally:
-            lane.quiet()
+        await self._lane().wait_for_room(BACKPRESSURE_WAIT_S)
+        return await self._enrich(Scope(partition, instance), body, store)
 
     async def _enrich(
         self, scope: Scope, body: Mapping[str, Any], store: bool | Literal["with_answer"]
@@ -325,7 +320,14 @@ class Reservoir:
             outcome = await self.hooks.delete(scope)
             if outcome.failures:
                 raise RuntimeError(str(outcome.failures[0])) from outcome.failures[0].error
+            self._drop_queued(scope)  # what the store failed to take must not come back
         return len(scopes)
+
+    def _drop_queued(self, scope: Scope) -> None:
+        lane = self._lanes.get(asyncio.get_running_loop())
+        for job in lane.drop(scope.key) if lane is not None else []:
+            if self.journal is not None and job.entry is not None:
+                self.journal.done(job.entry)
 
     async def settle(
         self,
