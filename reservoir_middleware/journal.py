@@ -94,13 +94,6 @@ class Journal:
             else:
                 file.append(_line({"done": entry.id}))
 
-    def close(self) -> None:
-        """Stop writing; the file stays (with its lock released) if entries are left."""
-        with self._lock:
-            current, self._current = self._current, None
-            if current is not None:
-                current.close(remove=current.outstanding <= 0)
-
     def _open(self) -> _JournalFile:
         current = self._current
         if current is not None and current.size < ROTATE_BYTES:

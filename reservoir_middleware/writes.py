@@ -51,7 +51,6 @@ class WriteJob:
     trace_id: str | None = None
     entry: JournalEntry | None = None
     verify: bool = False  # may be in the store already (replayed, retried): check by trace id
-    visible: list[MessageRecord] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
     last_id: str | None = None
     future: asyncio.Future[str | None] = field(default_factory=lambda: _loop().create_future())
