@@ -29,10 +29,10 @@ middleware stores every request and its answer in the background after the
 response: that work is kept on, it competes for the CPU and the next request of
 the scope waits for it, like in production. `--pause-ms` adds think time between
 requests (default none: back to back). Before measuring, every scope of the row
-gets one request, then `--warmup` more go out, for at least 1 s per 5,000
-messages of the largest scope (20 s at 100k): the first requests of a large
-scope load its vector index and build its lexical index in the background, and
-are several times slower until that is done.
+gets one request, then `--warmup` more go out, for at least 1 s per 2,500
+messages of the largest scope (40 s at 100k): the first requests of a large
+scope load its messages, build their vector index and the lexical index in
+the background (about 25 s at 100k), and are several times slower until then.
 
 **Streaming.** Time to first byte of a short answer (8 SSE events), and the
 cost per SSE event, from the difference between a long (`--chunks`, 200) and a
@@ -54,7 +54,8 @@ the figure), or to random scopes among its S. The client runs on the same
 machine, so the bare figure is mostly the client's own limit.
 
 **Peak RSS.** VmHWM of the server processes from /proc/<pid>/status at the end
-of each row: bare (one process, its peak so far) and the row's mw process.
+of each row: bare (one process, its peak so far) and the row's mw process, each
+with its child processes (the middleware's Chroma child: `chroma_process=child`).
 
 **LiteLLM** (`--litellm`, off by default: starting two LiteLLM proxies and
 measuring them adds 30 s to a minute; `--quick` leaves it out too). The LiteLLM
@@ -115,7 +116,7 @@ HOLD_BACK_LIMIT_MS = 50.0
 FILL_BATCH = 500
 MODEL = "gpt-4o"
 SHORT_STREAM = 8  # SSE events of the answer whose first byte gives the TTFB
-WARM_MESSAGES_PER_S = 5_000  # warm-up lasts at least 1 s per this many messages of a scope
+WARM_MESSAGES_PER_S = 2_500  # warm-up lasts at least 1 s per this many messages of a scope
 SENT_PREFIX = b": sent="  # the comment line carrying a hold-back event's send time
 
 # -- text generation ---------------------------------------------------------------
@@ -635,14 +636,33 @@ def child(
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmHWM (peak resident set) and VmRSS of a live process, in KiB."""
+    """VmHWM (peak resident set) and VmRSS of a live process plus its child
+    processes (the middleware's Chroma child), in KiB."""
     out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(rest.split()[0])
+    for each in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    out[key] = out.get(key, 0) + int(rest.split()[0])
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, of in parents.items() if of == parent]
+        found += children
+        frontier += children
+    return found
 
 
 def free_port() -> int:
@@ -1249,8 +1269,8 @@ def report(
         )
     section(
         "Peak RSS (VmHWM) of the server processes at the end of each row, MiB: bare is one "
-        "process for the whole run (its peak so far), mw the row's own process (the fill ran "
-        "in another process)",
+        "process for the whole run (its peak so far), mw the row's own process with its Chroma "
+        "child (the fill ran in another process)",
         [*head, "bare peak", "mw peak", "added", "mw RSS at end"],
         rss_rows,
     )

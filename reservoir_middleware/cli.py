@@ -253,6 +253,7 @@ def serve(args: argparse.Namespace) -> int:
         overrides["workers"] = args.workers
     settings = ReservoirSettings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if settings.workers > 1 and not settings.chroma_url:
         print(
             f"reservoir serve: {settings.workers} workers need a Chroma server: embedded memory "
@@ -330,6 +331,9 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
         "stream": "ext://sys.stderr",
     }
     config["root"] = {"handlers": ["reservoir"], "level": level.upper()}
+    # httpx logs every request at INFO: each call to Chroma and to the model
+    # (uvicorn's access log already shows the traffic)
+    config["loggers"]["httpx"] = {"level": "WARNING"}
     return config
 
 

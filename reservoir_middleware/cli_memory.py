@@ -58,7 +58,7 @@ class Progress:
 
 
 def engine() -> Reservoir:
-    return Reservoir(ReservoirSettings())
+    return Reservoir(ReservoirSettings(chroma_process="inline"))  # short-lived: no child server
 
 
 def scopes_of(reservoir: Reservoir, partition: str | None, instance: str | None) -> list[Scope]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import uuid
 import weakref
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import anyio.to_thread
+import numpy as np
 
 from .answer import Answer
 from .builtins.chroma_store import ChromaStore
@@ -27,8 +27,9 @@ from .builtins.lexical import LexicalRetrieval
 from .builtins.partition_keys import PartitionKeys
 from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from .builtins.truncation import BudgetTruncation
+from .chroma_server import ChromaServerError
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
-from .embeddings import make_embedding_function
+from .embeddings import MiniLMEmbedding, make_embedding_function
 from .journal import Journal
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
@@ -40,6 +41,7 @@ from .tokens import REPLY_PRIMING, ModelLimits, count_message, warm_up_encodings
 from .writes import WriteJob, WriteLane, lock_stripe, pending_futures
 
 logger = logging.getLogger("reservoir")
+CHILD_EMBED_MAX = 64  # texts per write embedded in the Chroma child; more (imports) here
 
 STORED_ROLES = ("user", "assistant", "tool")
 BACKPRESSURE_WAIT_S = 2.0
@@ -105,7 +107,14 @@ class Reservoir:
             api_key=s.embedding_api_key,
             threads=s.embedding_threads,
         )
-        self.store = ChromaStore(s.data_dir, s.chroma_url, self.embedding_model)
+        self.store = ChromaStore(
+            s.data_dir,
+            s.chroma_url,
+            self.embedding_model,
+            chroma_process=s.chroma_process,
+            # the built-in model also runs in the child, for what is written
+            child_embeddings=isinstance(self.embedder, MiniLMEmbedding),
+        )
         builtins: list[tuple[str, object]] = [
             ("chroma-store", self.store),
             ("semantic", SemanticRetrieval()),
@@ -193,8 +202,19 @@ class Reservoir:
             return result
         records = self._records(scope, messages, trace_id, model, "request")
         query_text = last_user_text(messages)
+        query = self._query(scope, new_body, records, query_text)
+        # BM25 needs no embedding: it scores while the query is embedded
+        lexical = self.plugin_manager.get_plugin("lexical")
+        early = None
+        if query_text and isinstance(lexical, LexicalRetrieval):
+            early = asyncio.ensure_future(
+                anyio.to_thread.run_sync(lexical.prefetch, query, self.store)
+            )
         embedding = await self._embed_one(query_text) if query_text else None
-        plan = await self._plan(scope, new_body, messages, records, query_text, embedding, result)
+        if early is not None:
+            await early
+        query = replace(query, embedding=embedding)
+        plan = await self._plan(scope, messages, records, query, result)
         budget = self._budget(model, limit)
         truncated, outcome = await self.hooks.truncate(plan, budget)
         result.failures.extend(outcome.failures)
@@ -359,10 +379,15 @@ class Reservoir:
             if waiting and waiting <= lane.retry_at.keys():  # the store fails them
                 return
 
+    async def close(self) -> None:
+        """Stop the child process embedded Chroma runs in (it starts again if
+        this engine is used later); the middleware does it at shutdown."""
+        await anyio.to_thread.run_sync(self.store.close)
+
     async def preload(self, partition: str, instance: str) -> None:
         """Load a scope's in-memory copies now (embedded mode: its messages by id;
         the BM25 index) instead of in the background of its first requests,
-        e.g. at start-up for the busiest scopes; about 10 s per 100k messages."""
+        e.g. at start-up for the busiest scopes; about 25 s per 100k messages."""
         scope = Scope(partition, instance)
         lexical = self.plugin_manager.get_plugin("lexical")
 
@@ -394,14 +419,36 @@ class Reservoir:
 
     # -- request path ------------------------------------------------------------
 
+    def _query(
+        self, scope: Scope, body: dict[str, Any], records: list[MessageRecord], query_text: str
+    ) -> RetrievalQuery:
+        """The question to the retrieval plugins, still without its embedding."""
+        s = self.settings
+        # With a memory budget, the hits fill it by rank: ask each retriever for
+        # `semantic_candidates`; without one, the top `semantic_context_size` are injected.
+        semantic_limit = s.semantic_context_size
+        if s.fill_budget and s.context_token_budget is not None and semantic_limit:
+            semantic_limit = max(semantic_limit, s.semantic_candidates)
+        return RetrievalQuery(
+            scope=scope,
+            text=query_text,
+            embedding=None,
+            request_ids=frozenset(r.id for r in records),
+            semantic_limit=semantic_limit,
+            recent_limit=s.recent_context_size,
+            min_similarity=s.min_similarity,
+            semantic_scope=s.semantic_scope,
+            body=body,
+            pending=tuple(self._inflight.get(scope.key, ())),
+            recent_excluded=s.context_token_budget is None,
+        )
+
     async def _plan(
         self,
         scope: Scope,
-        body: dict[str, Any],
         messages: list[dict[str, Any]],
         records: list[MessageRecord],
-        query_text: str,
-        embedding: list[float] | None,
+        query: RetrievalQuery,
         result: Enrichment,
     ) -> ContextPlan:
         s = self.settings
@@ -412,25 +459,7 @@ class Reservoir:
         def is_in_request(record: MessageRecord) -> bool:
             return record.id in in_request or (record.role, record.text) in request_texts
 
-        # With a memory budget, the hits fill it by rank: ask each retriever for
-        # `semantic_candidates`; without one, the top `semantic_context_size` are injected.
         fill = s.fill_budget and s.context_token_budget is not None
-        semantic_limit = s.semantic_context_size
-        if fill and semantic_limit:
-            semantic_limit = max(semantic_limit, s.semantic_candidates)
-        query = RetrievalQuery(
-            scope=scope,
-            text=query_text,
-            embedding=embedding,
-            request_ids=frozenset(in_request),
-            semantic_limit=semantic_limit,
-            recent_limit=s.recent_context_size,
-            min_similarity=s.min_similarity,
-            semantic_scope=s.semantic_scope,
-            body=body,
-            pending=tuple(self._inflight.get(scope.key, ())),
-            recent_excluded=s.context_token_budget is None,
-        )
         outcome = await self.hooks.retrieve(query, self.store)
         result.failures.extend(outcome.failures)
         recent = recent_window(outcome.results, s.recent_context_size, is_in_request)
@@ -509,9 +538,20 @@ class Reservoir:
             return count_message(dict(message), model)
         return await anyio.to_thread.run_sync(count_message, dict(message), model)
 
+    def _embed_for_write(self, texts: list[str]) -> Sequence[Sequence[float] | np.ndarray]:
+        """In the child process when it embeds (at its lower priority, one
+        thread), else here; a bulk import here, with all our threads."""
+        server = self.store.server
+        if server is not None and server.embed_threads and len(texts) <= CHILD_EMBED_MAX:
+            try:
+                return server.embed(texts)
+            except ChromaServerError as exc:
+                log_failure("embedding in the memory's process failed; embedding here", exc)
+        return self.embedder(texts)
+
     async def _embed_one(self, text: str) -> list[float]:
         vectors = await anyio.to_thread.run_sync(self.embedder, [text])
-        return [float(x) for x in vectors[0]]
+        return _floats(vectors[0])
 
     # -- writes --------------------------------------------------------------------
 
@@ -554,7 +594,11 @@ class Reservoir:
         loop = asyncio.get_running_loop()
         lane = self._lanes.get(loop)
         if lane is None:
-            lane = WriteLane(self._write_batch, self.settings.write_delay_ms / 1000)
+            lane = WriteLane(
+                self._write_batch,
+                self.settings.write_delay_ms / 1000,
+                in_process=self.store.in_process,
+            )
             self._lanes[loop] = lane
         return lane
 
@@ -739,10 +783,10 @@ class Reservoir:
         texts = [embedding_text(r) for r in fresh]
         missing = [t for t in dict.fromkeys(texts) if t not in known]
         if missing:
-            vectors = await anyio.to_thread.run_sync(self.embedder, missing)
+            vectors = await anyio.to_thread.run_sync(self._embed_for_write, missing)
             known = {
                 **known,
-                **{t: [float(x) for x in v] for t, v in zip(missing, vectors, strict=True)},
+                **{t: _floats(v) for t, v in zip(missing, vectors, strict=True)},
             }
         embeddings = [known[t] for t in texts]
         next_seq, last, last_vector = tail
@@ -815,10 +859,18 @@ def embedding_text(record: MessageRecord) -> str:
     return content if isinstance(content, str) else record.text
 
 
+def _floats(vector: Sequence[float] | np.ndarray) -> list[float]:
+    """A model's vector as Python floats (numpy's `tolist` is 30x faster than a loop)."""
+    if isinstance(vector, np.ndarray):
+        floats: list[float] = vector.tolist()
+        return floats
+    return [float(x) for x in vector]
+
+
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b, strict=False))
-    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norm if norm else 0.0
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y) / norm if norm else 0.0
 
 
 def memoised_counter(model: str | None) -> Callable[[dict[str, Any]], int]:

@@ -103,6 +103,10 @@ class ReservoirMiddleware:
                     await reservoir.settle(timeout=SHUTDOWN_WRITE_SECONDS)
                 except Exception as exc:
                     log_failure("storing queued memory at shutdown failed", exc)
+                try:
+                    await reservoir.close()
+                except Exception as exc:
+                    log_failure("stopping the memory's Chroma process failed", exc)
             return message
 
         return wrapped

@@ -71,6 +71,9 @@ class ReservoirSettings(BaseSettings):
     # storage
     data_dir: Path = Field(default_factory=default_data_dir)
     chroma_url: str | None = None
+    # Without chroma_url: "child" runs Chroma's server on data_dir in a child
+    # process (writes never stall requests); "inline" opens it in this process.
+    chroma_process: Literal["child", "inline"] = "child"
     embedding: Any = "minilm"
     embedding_url: str | None = None
     embedding_api_key: str | None = None

@@ -31,8 +31,13 @@ from .records import MessageRecord, Scope
 if TYPE_CHECKING:
     from .journal import JournalEntry
 
-FLUSH_RECORDS = 6  # queued messages that trigger a write without waiting
-MAX_BATCH_JOBS = 8  # exchanges per write: a bigger batch stalls the requests meanwhile
+# Chroma in this process holds the interpreter while it writes, so its batches
+# stay small; a Chroma server (ours in a child process, or a shared one) does
+# not, and bigger batches cost it less CPU per message.
+FLUSH_RECORDS = 6  # queued messages that trigger a write without waiting (in process)
+MAX_BATCH_JOBS = 8  # exchanges per write (in process)
+SERVER_FLUSH_RECORDS = 64
+SERVER_MAX_BATCH_JOBS = 32
 BACKLOG = 256  # queued exchanges beyond which new requests wait for the writer
 MAX_QUEUED_JOBS = 2000  # per scope while the store is down; older ones wait in the journal
 RETRY_FIRST = 0.5
@@ -71,9 +76,11 @@ WriteBatch = Callable[[Scope, list[WriteJob]], Awaitable[None]]
 class WriteLane:
     """The queue and the writer task of one event loop."""
 
-    def __init__(self, write: WriteBatch, delay: float) -> None:
+    def __init__(self, write: WriteBatch, delay: float, *, in_process: bool = True) -> None:
         self.write = write
         self.delay = delay
+        self.flush_records = FLUSH_RECORDS if in_process else SERVER_FLUSH_RECORDS
+        self.max_batch_jobs = MAX_BATCH_JOBS if in_process else SERVER_MAX_BATCH_JOBS
         self.queues: dict[str, deque[WriteJob]] = {}
         self.retry_at: dict[str, tuple[float, float]] = {}  # scope key -> (when, pause)
         self.urgent: set[str] = set()
@@ -172,7 +179,7 @@ class WriteLane:
             due: list[tuple[float, float, str]] = []  # when, then the oldest first
             for key, queue in self.queues.items():
                 at = queue[0].queued_at + self.delay
-                if key in self.urgent or self.queued >= FLUSH_RECORDS:
+                if key in self.urgent or self.queued >= self.flush_records:
                     at = now
                 retry = self.retry_at.get(key)
                 if retry is not None:
@@ -188,7 +195,7 @@ class WriteLane:
 
     async def _write(self, key: str) -> None:
         queue = self.queues[key]
-        jobs = list(queue)[:MAX_BATCH_JOBS]
+        jobs = list(queue)[: self.max_batch_jobs]
         try:
             await self.write(jobs[0].scope, jobs)
         except Exception as exc:

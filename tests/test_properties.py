@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware
@@ -133,6 +133,8 @@ def _is_chat(raw: bytes) -> bool:
 
 @HYPOTHESIS
 @given(name=st.text(min_size=0, max_size=300))
+@example(name=".")
+@example(name="..")
 def test_any_partition_name_is_refused_cleanly_or_kept_exactly(
     server: tuple[str, Upstream], name: str
 ) -> None:
@@ -145,8 +147,8 @@ def test_any_partition_name_is_refused_cleanly_or_kept_exactly(
     if response.status_code == 400:
         assert response.json()["error"]["type"] == "invalid_request"
         return
-    if not segment:  # an empty segment is another route: the app's own 404
-        assert response.status_code == 404
+    if segment in ("", ".", ".."):  # no segment (or a dot segment the client resolves
+        assert response.status_code == 404  # away): another route, the app's own 404
         return
     assert response.status_code == 200, response.text
     assert upstream.received[-1].path == "/v1/chat/completions"

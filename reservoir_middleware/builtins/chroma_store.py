@@ -13,6 +13,7 @@ import hashlib
 import json
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -22,10 +23,11 @@ from urllib.parse import urlsplit
 
 from chromadb.errors import NotFoundError
 
+from ..chroma_server import ChromaServer, release, shared_server
 from ..hookspecs import hookimpl
 from ..records import MessageRecord, Scope
 from ..store import EmbeddingMismatch
-from .mirror import shared_mirror
+from .mirror import Loader, shared_mirror
 
 COLLECTION_PREFIX = "rsv-"
 RECENT_CACHE = 256  # messages per scope kept in memory (embedded mode)
@@ -107,17 +109,42 @@ def make_client(data_dir: Path, chroma_url: str | None) -> Any:
     return chromadb.PersistentClient(path=str(data_dir), settings=settings)
 
 
+def _close_client(client: Any) -> None:
+    """Release an HTTP client's connections (its server is gone or going)."""
+    with contextlib.suppress(Exception):
+        client.close()
+    # chromadb does not close its httpx sessions: the client's and its admin client's
+    for owner in (client, getattr(client, "_admin_client", None)):
+        session = getattr(getattr(owner, "_server", None), "_session", None)
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
+
+
 class ChromaStore:
     """Chroma-backed memory: the `reservoir_store`/`reservoir_delete` plugin and
     the read API (`MemoryStore`) the retrieval plugins use."""
 
     name = "chroma-store"
 
-    def __init__(self, data_dir: Path, chroma_url: str | None, embedding_model: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        chroma_url: str | None,
+        embedding_model: str,
+        *,
+        chroma_process: str = "inline",
+        child_embeddings: bool = False,
+    ) -> None:
         self.data_dir = data_dir
         self.chroma_url = chroma_url
         self.embedding_model = embedding_model
         self._client: Any = None
+        # Embedded mode with a child Chroma server (chroma_server.py); None inline.
+        self._server: ChromaServer | None = None
+        if chroma_url is None and chroma_process == "child":
+            self._server = shared_server(data_dir, embed_threads=1 if child_embeddings else None)
+            weakref.finalize(self, release, self._server)
         self._collections: dict[str, Any] = {}
         self._lock = threading.Lock()
         # The newest messages of each scope, so the recent window costs no query.
@@ -132,9 +159,42 @@ class ChromaStore:
     @property
     def client(self) -> Any:
         with self._lock:
+            if self._server is not None and self._client is not None and not self._server.alive():
+                _close_client(self._client)  # the child died: start it again, on a new port
+                self._client = None
+                self._collections.clear()
             if self._client is None:
-                self._client = make_client(self.data_dir, self.chroma_url)
+                self._client = self._connect()
             return self._client
+
+    def _connect(self) -> Any:
+        if self._server is None:
+            return make_client(self.data_dir, self.chroma_url)
+        from ..datadir_lock import lock_data_dir
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        lock_data_dir(self.data_dir)  # the child is ours: no other process may open it
+        return make_client(self.data_dir, self._server.start())
+
+    @property
+    def server(self) -> ChromaServer | None:
+        """The child process this store runs Chroma in, if any."""
+        return self._server
+
+    def close(self) -> None:
+        """Stop the child Chroma server, if this store runs one."""
+        with self._lock:
+            client, self._client = self._client, None
+            self._collections.clear()
+        if self._server is not None:
+            if client is not None:
+                _close_client(client)
+            self._server.stop()
+
+    @property
+    def in_process(self) -> bool:
+        """Chroma runs in this process (it then holds the interpreter while it writes)."""
+        return self.chroma_url is None and self._server is None
 
     @property
     def single_writer(self) -> bool:
@@ -153,7 +213,7 @@ class ChromaStore:
     def collection(self, scope: Scope, *, create: bool = False) -> Any | None:
         name = collection_name(scope)
         cached = self._collections.get(name)
-        if cached is not None:
+        if cached is not None and (self._server is None or self._server.alive()):
             return cached
         if create:
             col = self.client.get_or_create_collection(
@@ -213,7 +273,7 @@ class ChromaStore:
                 last = max(range(len(records)), key=lambda i: records[i].seq)
                 self._tails[name] = (records[last].seq + 1, records[last], embeddings[last])
         if self.single_writer:
-            self._mirror.add(name, records)
+            self._mirror.add(name, records, embeddings)
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
@@ -251,9 +311,17 @@ class ChromaStore:
     def nearest(
         self, scope: Scope, embedding: Sequence[float], limit: int
     ) -> list[tuple[str, float]]:
-        """Like `query`, ids only: a third of the cost (no metadata is read)."""
+        """Like `query`, ids only: a third of the cost (no metadata is read);
+        from the in-memory index once the scope is loaded (single writer)."""
+        if limit <= 0:
+            return []
+        if self.single_writer:
+            name = collection_name(scope)
+            hits = self._mirror.nearest(name, embedding, limit, self._page_loader(scope))
+            if hits is not None:
+                return hits
         col = self.collection(scope)
-        if col is None or limit <= 0:
+        if col is None:
             return []
         result = col.query(
             query_embeddings=[list(embedding)], n_results=limit, include=["distances"]
@@ -289,12 +357,18 @@ class ChromaStore:
         result = col.get(where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"])
         return _records(result)[-limit:]
 
-    def _page_loader(self, scope: Scope) -> Callable[[int, int], list[MessageRecord]]:
-        def load(offset: int, limit: int) -> list[MessageRecord]:
+    def _page_loader(self, scope: Scope) -> Loader:
+        def load(offset: int, limit: int) -> tuple[list[MessageRecord], Any]:
             col = self.collection(scope)
             if col is None:
-                return []
-            return _records(col.get(include=["documents", "metadatas"], offset=offset, limit=limit))
+                return [], None
+            result = col.get(
+                include=["documents", "metadatas", "embeddings"], offset=offset, limit=limit
+            )
+            docs = result.get("documents") or [None] * len(result["ids"])
+            metas = result.get("metadatas") or [None] * len(result["ids"])
+            records = [_record(i, d, m) for i, d, m in zip(result["ids"], docs, metas, strict=True)]
+            return records, result.get("embeddings")
 
         return load
 

@@ -43,12 +43,13 @@ import math
 import threading
 import time
 from array import array
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import gcfreeze
 from ..context import Candidate, RetrievalQuery
 from ..hookspecs import hookimpl
 from ..logs import log_failure
@@ -64,6 +65,7 @@ PAGE = 1_000  # messages read from the store at a time while building
 REFRESH_S = 5.0  # the most often a scope's count is compared with its index
 CATCH_UP_SLACK = 64  # messages before the index's size re-read when catching up
 MAX_MESSAGES = 500_000
+PREFETCHED = 64  # queries scored ahead and not (yet) asked for
 
 
 class Bm25Index:
@@ -159,6 +161,8 @@ class LexicalRetrieval:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._indexed = 0  # messages in all installed indexes
+        # answers scored ahead by `prefetch`, taken by the hook of the same query
+        self._prefetched: OrderedDict[tuple[object, ...], list[Candidate] | None] = OrderedDict()
 
     # -- hooks -------------------------------------------------------------------
 
@@ -166,6 +170,26 @@ class LexicalRetrieval:
     def reservoir_retrieve(
         self, query: RetrievalQuery, store: MemoryStore
     ) -> list[Candidate] | None:
+        with self._lock:
+            key = _prefetch_key(query)
+            if key in self._prefetched:
+                return self._prefetched.pop(key)
+        return self._candidates(query, store)
+
+    def prefetch(self, query: RetrievalQuery, store: MemoryStore) -> None:
+        """Score a query ahead (the engine does it while the query is embedded);
+        the hook then returns this answer instead of scoring again. A failure
+        is left for the hook to meet (and report, as a plugin failure)."""
+        try:
+            found = self._candidates(query, store)
+        except Exception:
+            return
+        with self._lock:
+            self._prefetched[_prefetch_key(query)] = found
+            while len(self._prefetched) > PREFETCHED:
+                self._prefetched.popitem(last=False)
+
+    def _candidates(self, query: RetrievalQuery, store: MemoryStore) -> list[Candidate] | None:
         query_terms = terms(query.text)
         if query.semantic_limit <= 0 or not query_terms:
             return None
@@ -273,6 +297,7 @@ class LexicalRetrieval:
             if self._entries.get(scope.key) is entry:  # not deleted meanwhile
                 self._indexed += len(index) - (len(old) if old is not None else 0)
         self._evict()
+        gcfreeze.loaded(len(index))
 
     def _catch_up(self, scope: Scope, store: MemoryStore, entry: _Entry) -> None:
         """Compare the store's count with the index; add what others wrote,
@@ -323,6 +348,10 @@ class LexicalRetrieval:
                     break
                 entry = self._entries.pop(key)
                 self._indexed -= len(entry.index) if entry.index is not None else 0
+
+
+def _prefetch_key(query: RetrievalQuery) -> tuple[object, ...]:
+    return (query.scope, query.text, query.semantic_depth, query.semantic_scope)
 
 
 def _read(store: MemoryStore, scope: Scope, min_seq: int | None) -> list[tuple[str, str]]:
