@@ -150,7 +150,7 @@ async def test_the_child_embeds_like_this_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-async def test_the_in_memory_index_finds_what_chroma_finds(tmp_path: Path) -> None:
+async def test_the_in_memory_index_finds_the_nearest_messages(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     words = [f"w{i}" for i in range(400)]
     messages = [
@@ -167,14 +167,18 @@ async def test_the_in_memory_index_finds_what_chroma_finds(tmp_path: Path) -> No
     scope = Scope("p", "i")
     collection = engine.store.collection(scope)
     assert collection is not None
+    stored = collection.get(include=["embeddings"])  # the exact answer, by brute force
+    matrix = np.asarray(stored["embeddings"], dtype=np.float64)
     overlap = []
     for query in ("w1 w2 w3", "number 700", "w399 w12 w77 w5", "something else entirely"):
         vector = engine.embedder([query])[0]
+        exact = {stored["ids"][i] for i in np.argsort(-(matrix @ vector))[:20]}
         ours = engine.store.nearest(scope, vector, 20)
-        theirs = collection.query(query_embeddings=[vector.tolist()], n_results=20)
-        assert ours == sorted(ours, key=lambda hit: -hit[1])
-        overlap.append(len({i for i, _ in ours} & set(theirs["ids"][0])) / 20)
-    assert min(overlap) >= 0.9, overlap
+        assert len(ours) == 20 and ours == sorted(ours, key=lambda hit: -hit[1])
+        overlap.append(len({i for i, _ in ours} & exact) / 20)
+        records = engine.store.query(scope, vector, 20)  # the read API plugins use
+        assert [(r.id, round(s, 6)) for r, s in records] == [(i, round(s, 6)) for i, s in ours]
+    assert sum(overlap) / len(overlap) >= 0.95 and min(overlap) >= 0.85, overlap
     await engine.close()
 
 

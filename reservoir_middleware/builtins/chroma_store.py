@@ -287,8 +287,20 @@ class ChromaStore:
     def query(
         self, scope: Scope, embedding: Sequence[float], limit: int
     ) -> list[tuple[MessageRecord, float]]:
+        if limit <= 0:
+            return []
+        if self.single_writer:  # from the in-memory index and copy, once loaded
+            if self.collection(scope) is None:  # (it checks the embedding model too)
+                return []
+            name = collection_name(scope)
+            load = self._page_loader(scope)
+            hits = self._mirror.nearest(name, embedding, limit, load)
+            found = self._mirror.get(name, [i for i, _ in hits], load) if hits else None
+            if hits is not None:
+                records = {r.id: r for r in found or []}
+                return [(records[i], sim) for i, sim in hits if i in records]
         col = self.collection(scope)
-        if col is None or limit <= 0:
+        if col is None:
             return []
         result = col.query(
             query_embeddings=[list(embedding)],
