@@ -109,6 +109,11 @@ def make_client(data_dir: Path, chroma_url: str | None) -> Any:
     return chromadb.PersistentClient(path=str(data_dir), settings=settings)
 
 
+def _close_clients(clients: list[Any]) -> None:
+    while clients:
+        _close_client(clients.pop())
+
+
 def _close_client(client: Any) -> None:
     """Release an HTTP client's connections (its server is gone or going)."""
     with contextlib.suppress(Exception):
@@ -145,6 +150,9 @@ class ChromaStore:
         if chroma_url is None and chroma_process == "child":
             self._server = shared_server(data_dir, embed_threads=1 if child_embeddings else None)
             weakref.finalize(self, release, self._server)
+        # HTTP clients of the child, closed when the store is dropped or at exit
+        self._opened: list[Any] = []
+        weakref.finalize(self, _close_clients, self._opened)
         self._collections: dict[str, Any] = {}
         self._lock = threading.Lock()
         # The newest messages of each scope, so the recent window costs no query.
@@ -174,7 +182,9 @@ class ChromaStore:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         lock_data_dir(self.data_dir)  # the child is ours: no other process may open it
-        return make_client(self.data_dir, self._server.start())
+        client = make_client(self.data_dir, self._server.start())
+        self._opened.append(client)
+        return client
 
     @property
     def server(self) -> ChromaServer | None:
