@@ -143,6 +143,7 @@ class ChromaServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
+                self.stop()  # releases its pipe and our socket end
                 raise ChromaServerError(
                     f"the memory's Chroma process exited with {proc.returncode} at start-up; "
                     f"see {self.data_dir / LOG_FILE}"
