@@ -49,7 +49,7 @@ LOG_FILE = "chroma-server.log"
 
 
 class ChromaServerError(RuntimeError):
-    """The child Chroma server could not be started."""
+    """The child Chroma process could not be started, or could not embed."""
 
 
 class ChromaServer:
@@ -58,6 +58,7 @@ class ChromaServer:
 
     def __init__(self, data_dir: Path, *, embed_threads: int | None = None) -> None:
         self.data_dir = data_dir
+        self.key = _dir_key(data_dir)
         self.embed_threads = embed_threads
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -65,6 +66,7 @@ class ChromaServer:
         self._embed_sock: socket.socket | None = None
         self._embed_lock = threading.Lock()
         self.users = 0  # stores using it (shared_server)
+        self.embedded = 0  # texts the child has embedded
         atexit.register(self.stop)
 
     @property
@@ -177,6 +179,7 @@ class ChromaServer:
         if status != 0:
             raise ChromaServerError(body.decode("utf-8", "replace"))
         matrix = np.frombuffer(body, dtype=np.float32).reshape(len(texts), -1)
+        self.embedded += len(texts)
         return list(matrix)
 
     def stop(self) -> None:
@@ -208,7 +211,7 @@ def shared_server(data_dir: Path, *, embed_threads: int | None) -> ChromaServer:
     """One child per data directory in a process: every engine on it (the
     gateway's, an admin's) talks to the same server, never to a second one
     writing the same files."""
-    key = str(data_dir.expanduser().resolve())
+    key = _dir_key(data_dir)
     with _SHARED_LOCK:
         server = _SHARED.get(key)
         if server is None:
@@ -223,10 +226,13 @@ def release(server: ChromaServer) -> None:
         server.users -= 1
         if server.users > 0:
             return
-        key = str(server.data_dir.expanduser().resolve())
-        if _SHARED.get(key) is server:
-            del _SHARED[key]
+        if _SHARED.get(server.key) is server:
+            del _SHARED[server.key]
     server.stop()
+
+
+def _dir_key(data_dir: Path) -> str:
+    return str(data_dir.expanduser().resolve())
 
 
 def _free_port() -> int:

@@ -1,8 +1,8 @@
 """The write queue: memory is written after the answer, per scope in order, in batches.
 
-A chroma upsert costs about the same for one message as for ten, and holds
-the interpreter while it runs, so writing each exchange on its own would
-slow the requests that run meanwhile. Exchanges wait here up to
+A chroma upsert costs about the same for one message as for ten (and, with
+Chroma in this process, holds the interpreter while it runs), so writing
+each exchange on its own would waste CPU the requests need. Exchanges wait here up to
 `write_delay_ms` (or until enough are queued, or someone waits for them),
 then all queued exchanges of a scope go in one batch. (Writing at the first
 quiet moment instead was measured: back to back it gave up the batching and

@@ -146,6 +146,14 @@ async def test_the_child_embeds_like_this_process(tmp_path: Path) -> None:
     ours = engine.embedder(texts)
     for a, b in zip(theirs, ours, strict=True):
         assert float(np.dot(a, b)) > 0.9999
+
+    before = server.embedded  # what is written is embedded in the child...
+    await engine.add("p", "i", [{"role": "user", "content": "the kettle is blue"}])
+    assert server.embedded == before + 1
+    bulk = [{"role": "user", "content": f"imported line {n}"} for n in range(80)]
+    await engine.add("p", "i", bulk)  # ...but an import here, with all our threads
+    assert server.embedded == before + 1
+    assert len(await engine.recent("p", "i", limit=100)) == 81
     await engine.close()
 
 

@@ -61,10 +61,14 @@ def _record(id_: str, text: str | None, meta: dict[str, Any] | None) -> MessageR
 
 
 def _records(result: Any) -> list[MessageRecord]:
+    return sorted(_records_in_order(result), key=lambda r: r.seq)
+
+
+def _records_in_order(result: Any) -> list[MessageRecord]:
+    """The records of a `get` result in its own order (that of its embeddings)."""
     docs = result.get("documents") or [None] * len(result["ids"])
     metas = result.get("metadatas") or [None] * len(result["ids"])
-    out = [_record(i, d, m) for i, d, m in zip(result["ids"], docs, metas, strict=True)]
-    return sorted(out, key=lambda r: r.seq)
+    return [_record(i, d, m) for i, d, m in zip(result["ids"], docs, metas, strict=True)]
 
 
 P = ParamSpec("P")
@@ -302,12 +306,9 @@ class ChromaStore:
         if self.single_writer:  # from the in-memory index and copy, once loaded
             if self.collection(scope) is None:  # (it checks the embedding model too)
                 return []
-            name = collection_name(scope)
-            load = self._page_loader(scope)
-            hits = self._mirror.nearest(name, embedding, limit, load)
-            found = self._mirror.get(name, [i for i, _ in hits], load) if hits else None
+            hits = self._nearest_in_memory(scope, embedding, limit)
             if hits is not None:
-                records = {r.id: r for r in found or []}
+                records = {r.id: r for r in self.get(scope, [i for i, _ in hits])}
                 return [(records[i], sim) for i, sim in hits if i in records]
         col = self.collection(scope)
         if col is None:
@@ -338,8 +339,7 @@ class ChromaStore:
         if limit <= 0:
             return []
         if self.single_writer:
-            name = collection_name(scope)
-            hits = self._mirror.nearest(name, embedding, limit, self._page_loader(scope))
+            hits = self._nearest_in_memory(scope, embedding, limit)
             if hits is not None:
                 return hits
         col = self.collection(scope)
@@ -379,6 +379,13 @@ class ChromaStore:
         result = col.get(where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"])
         return _records(result)[-limit:]
 
+    def _nearest_in_memory(
+        self, scope: Scope, embedding: Sequence[float], limit: int
+    ) -> list[tuple[str, float]] | None:
+        """From the scope's in-memory index; None until it is loaded."""
+        name = collection_name(scope)
+        return self._mirror.nearest(name, embedding, limit, self._page_loader(scope))
+
     def _page_loader(self, scope: Scope) -> Loader:
         def load(offset: int, limit: int) -> tuple[list[MessageRecord], Any]:
             col = self.collection(scope)
@@ -387,10 +394,7 @@ class ChromaStore:
             result = col.get(
                 include=["documents", "metadatas", "embeddings"], offset=offset, limit=limit
             )
-            docs = result.get("documents") or [None] * len(result["ids"])
-            metas = result.get("metadatas") or [None] * len(result["ids"])
-            records = [_record(i, d, m) for i, d, m in zip(result["ids"], docs, metas, strict=True)]
-            return records, result.get("embeddings")
+            return _records_in_order(result), result.get("embeddings")
 
         return load
 

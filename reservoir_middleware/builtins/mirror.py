@@ -5,10 +5,11 @@ holding the interpreter part of the time); a request reads its fused hits
 and their answers that way, twice. In embedded mode this process is the only
 writer (the data directory is locked), so a copy kept current by our own
 writes stays true: the first read of a scope loads it in a background
-thread (about 4 s per 100k messages) while reads go to Chroma, then ids are
-dictionary lookups. Records are packed as tuples with shared strings, about
-0.6 KB each; beyond `max_records` in all scopes the least recently read
-scopes are dropped and loaded again when read.
+thread (about 25 s per 100k messages on two cores, with the vector index
+below) while reads go to Chroma, then ids are dictionary lookups. Records
+are packed as tuples with shared strings, about 0.6 KB each; beyond
+`max_records` in all scopes the least recently read scopes are dropped and
+loaded again when read.
 
 Their embeddings go into an in-memory HNSW index (hnswlib, the library Chroma
 itself builds on; about 1.7 KB per message), so the dense search of a
