@@ -5,27 +5,27 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from urllib.parse import quote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .admin import authorised, match_admin_route
+from .keys import KeySet, header_token
 from .replies import send_error
+from .routes import InvalidName
 from .settings import ReservoirSettings
 
 OPEN_PATHS = frozenset({"/health"})
 
 
-def bearer_token(header: str) -> str:
-    scheme, _, token = header.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else header.strip()
-
-
 class AccessMiddleware:
     """`RSV_API_KEYS`: `Authorization: Bearer KEY` or `x-api-key: KEY`, else 401.
-    `rate_limit_per_minute`: per key (or client address), else 429."""
+    `rate_limit_per_minute`: per key (or client address), else 429.
+    The admin key passes both on the admin endpoints only (they check it again)."""
 
     def __init__(self, app: ASGIApp, *, settings: ReservoirSettings) -> None:
         self.app = app
-        self.keys = frozenset(settings.api_keys)
+        self.keys = KeySet(settings.api_keys)
         self.admin_key = settings.admin_key
         self.per_minute = settings.rate_limit_per_minute
         self.windows: dict[str, deque[float]] = {}
@@ -34,12 +34,11 @@ class AccessMiddleware:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
-        token = headers.get(b"x-api-key") or bearer_token(headers.get(b"authorization", ""))
-        admin = headers.get(b"x-reservoir-admin-key") or token
-        if self.admin_key and admin == self.admin_key:  # checked again by the admin endpoints
+        if self.admin_key and self._admin_request(scope):
             await self.app(scope, receive, send)
             return
+        headers = {k.lower(): v for k, v in scope.get("headers") or []}
+        token = headers.get(b"x-api-key") or header_token(headers.get(b"authorization", b""))
         if self.keys and token not in self.keys:
             await send_error(
                 send,
@@ -51,7 +50,7 @@ class AccessMiddleware:
             return
         if self.per_minute:
             client = scope.get("client") or ("unknown", 0)
-            retry = self._spend(token if self.keys else str(client[0]))
+            retry = self._spend(token.decode("latin-1") if self.keys else str(client[0]))
             if retry:
                 await send_error(
                     send,
@@ -62,6 +61,16 @@ class AccessMiddleware:
                 )
                 return
         await self.app(scope, receive, send)
+
+    def _admin_request(self, scope: Scope) -> bool:
+        """An admin endpoint, with the admin key: the only request the admin key lets pass."""
+        raw_path = scope.get("raw_path") or quote(scope["path"]).encode("latin-1")
+        try:
+            route = match_admin_route(scope["method"], raw_path)
+        except InvalidName:  # answered 400 by the memory middleware, if the keys let it pass
+            return False
+        admin_key = self.admin_key
+        return route is not None and admin_key is not None and authorised(scope, admin_key)
 
     def _spend(self, who: str) -> int:
         """0 if the request may go, else the seconds until it may."""

@@ -22,8 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .access import AccessMiddleware, bearer_token
+from .access import AccessMiddleware
 from .engine import Reservoir
+from .keys import KeySet, header_token
 from .middleware import ReservoirMiddleware
 from .providers import Provider, Router
 from .settings import ReservoirSettings
@@ -44,6 +45,8 @@ class Gateway:
         self.router = Router(settings)
         self.observer = observer
         self.client: httpx.AsyncClient | None = None
+        # keys of this gateway: never sent upstream
+        self.own_keys = KeySet([*settings.api_keys, *settings.partition_keys, settings.admin_key])
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -82,6 +85,14 @@ class Gateway:
         return JSONResponse({"status": "ok"})
 
     async def _model_request(self, request: Request, endpoint: str) -> Response:
+        header = request.headers.get("authorization") or ""
+        if not header.isascii() and not self._own_key(header):
+            return error(
+                401,
+                "unauthorized",
+                "the Authorization header is not ASCII: it is no key of this gateway "
+                "and cannot be a provider's key",
+            )
         body = await request.body()
         try:
             payload = json.loads(body)
@@ -133,13 +144,17 @@ class Gateway:
 
     def _auth(self, request: Request, provider: Provider) -> str | None:
         """The client's own Authorization, unless it is a key of this gateway
-        (an API key or a partition key: never sent upstream); else the provider's key."""
+        (an API key, a partition key or the admin key: never sent upstream);
+        else the provider's key."""
         header = request.headers.get("authorization")
-        if header:
-            token = bearer_token(header)
-            if token not in self.settings.api_keys and token not in self.settings.partition_keys:
-                return header
+        if header and not self._own_key(header):
+            return header
         return provider.auth_header()
+
+    def _own_key(self, header: str) -> bool:
+        """Compared on the header's bytes (Starlette decodes them as latin-1) with the
+        UTF-8 of the keys: a non-ASCII key is recognised too."""
+        return header_token(header.encode("latin-1")) in self.own_keys
 
     async def _forward(
         self, provider: Provider, endpoint: str, body: bytes, auth: str | None, selected: str | None

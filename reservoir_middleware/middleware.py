@@ -1,9 +1,11 @@
 """The ASGI mechanics: read, enrich, replay, tee the answer. Knows nothing of Chroma.
 
 Per-request state lives in `ChatExchange`, never on the middleware. Anything
-that is not `POST …/chat/completions` passes through untouched; internal
-errors are logged under `reservoir` and the request goes on un-enriched
-(unless `fail_open` is off); the wrapped app's own exceptions are re-raised.
+that is not `POST …/chat/completions` passes through untouched, but for our
+own headers (`x-reservoir-*`, and any carrying the admin key): no route of the
+app ever sees them. Internal errors are logged under `reservoir` and the
+request goes on un-enriched (unless `fail_open` is off); the wrapped app's own
+exceptions are re-raised.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .admin import authorised, match_admin_route, serve_admin
 from .answer import JsonAssembler, StreamAssembler, make_assembler
-from .authorization import KEY_HEADER, check_access
+from .authorization import check_access
 from .engine import Enrichment, InvalidChatRequest, Reservoir
+from .keys import KeySet, app_headers
 from .logs import log_failure
 from .records import Scope as MemoryScope
 from .replies import STATUS_HEADER, TRACE_HEADER, send_error, send_too_long
@@ -49,13 +52,14 @@ class ReservoirMiddleware:
         self.keys_required = bool(
             self.settings.partition_keys or self.reservoir.settings.partition_keys
         )
+        self.admin_keys = KeySet([self.settings.admin_key, self.reservoir.settings.admin_key])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, self._lifespan_receive(receive), send)
             return
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.app(self._for_the_app(scope), receive, send)
             return
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode("latin-1")
         admin_key = self.settings.admin_key
@@ -63,7 +67,7 @@ class ReservoirMiddleware:
             admin = match_admin_route(scope["method"], raw_path) if admin_key else None
             route = None
             if admin is None and scope["method"] == "POST":
-                route = match_chat_route(raw_path, scope.get("headers") or [])
+                route = match_chat_route(raw_path, scope.get("headers") or [], scope["path"])
         except InvalidName as exc:
             await send_error(send, 400, "invalid_request", str(exc))
             return
@@ -74,9 +78,9 @@ class ReservoirMiddleware:
             await serve_admin(self.reservoir, admin, scope, receive, send)
             return
         if route is None:
-            await self.app(scope, receive, send)
+            await self.app(self._for_the_app(scope), receive, send)
             return
-        refusal = await check_access(
+        refusal = await check_access(  # on the headers as sent: X-Reservoir-Key
             self.reservoir.hooks,
             MemoryScope(route.partition, route.instance),
             scope,
@@ -86,8 +90,16 @@ class ReservoirMiddleware:
         if refusal is not None:  # before the body is read: no memory touched
             await refusal.send(send)
             return
-        exchange = ChatExchange(self.app, self.reservoir, self.settings, route, scope)
+        app_scope = self._for_the_app(scope)
+        exchange = ChatExchange(self.app, self.reservoir, self.settings, route, app_scope)
         await exchange.run(receive, send)
+
+    def _for_the_app(self, scope: Scope) -> Scope:
+        """The scope without our own headers (partition, instance and keys are read by now)."""
+        if scope["type"] not in ("http", "websocket"):
+            return scope
+        kept = app_headers(scope.get("headers") or [], self.admin_keys)
+        return scope if kept is None else {**scope, "headers": kept}
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         """Pass lifespan events through; warm the model up while the app starts."""
@@ -225,7 +237,7 @@ class ChatExchange:
         scope["headers"] = [
             (k, v)
             for k, v in self.scope.get("headers") or []
-            if k.lower() not in (b"content-length", b"transfer-encoding", KEY_HEADER)
+            if k.lower() not in (b"content-length", b"transfer-encoding")
         ] + [(b"content-length", str(len(body)).encode("ascii"))]
         replayed = False
 

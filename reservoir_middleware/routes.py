@@ -1,7 +1,11 @@
 """Which requests carry memory, and for which (partition, instance).
 
 Matched on the raw path so that a percent-encoded `/` inside a partition name
-stays inside it. A mount prefix before the route is kept in the rewritten path.
+stays inside it, once escapes of unreserved characters (`%63` for `c`) are
+decoded, as the app's router decodes them. A path that routes to a chat
+endpoint only once its `%2F` are decoded is refused: the app would answer it
+without memory and without the access check. A mount prefix before the route
+is kept in the rewritten path.
 """
 
 from __future__ import annotations
@@ -26,6 +30,29 @@ _SCOPED = (
     ),
 )
 _PLAIN = re.compile(r"^(?P<prefix>.*?)(?P<tail>/v1/chat/completions|/chat/completions)/?$")
+_CHAT_END = re.compile(r"/chat/completions/?$")  # `$` also before a final newline, as in Starlette
+
+
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def normalised(raw_path: bytes) -> bytes:
+    """The raw path with escapes of unreserved characters decoded (RFC 3986, 6.2.2.2),
+    once; `%2F`, `%25` and the rest stay as they are."""
+    if b"%" not in raw_path:
+        return raw_path
+    return _ESCAPE.sub(_unreserved, raw_path)
+
+
+def _unreserved(found: re.Match[bytes]) -> bytes:
+    octet = int(found[1], 16)
+    return bytes([octet]) if octet in _UNRESERVED else found[0]
+
+
+def routes_to_chat(path: str) -> bool:
+    """Whether a decoded path (what the app routes on) names a chat endpoint."""
+    return _CHAT_END.search(path) is not None
 
 
 class InvalidName(ValueError):
@@ -66,12 +93,16 @@ def decode_name(kind: str, segment: str) -> str:
     return check_name(kind, raw)
 
 
-def match_chat_route(raw_path: bytes, headers: Iterable[tuple[bytes, bytes]]) -> ChatRoute | None:
+def match_chat_route(
+    raw_path: bytes, headers: Iterable[tuple[bytes, bytes]], routed: str | None = None
+) -> ChatRoute | None:
     """The chat route of a POST path, or None when memory does not apply.
 
-    Raises InvalidName for a memory route whose names are refused.
+    `routed` is the decoded path the app routes on (the ASGI `path`). Raises
+    InvalidName for a memory route whose names are refused, and for a path
+    that is a chat route only once decoded.
     """
-    path = raw_path.decode("latin-1")
+    path = normalised(raw_path).decode("latin-1")
     for pattern in _SCOPED:
         found = pattern.match(path)
         if found:
@@ -81,6 +112,11 @@ def match_chat_route(raw_path: bytes, headers: Iterable[tuple[bytes, bytes]]) ->
             )
     found = _PLAIN.match(path)
     if not found:
+        if routed is not None and routes_to_chat(routed):
+            raise InvalidName(
+                "the path is a chat completions route only once its encoded '/' (%2F) are "
+                "decoded; send the path with plain '/'"
+            )
         return None
     partition = instance = DEFAULT
     for name, value in headers:
