@@ -114,8 +114,9 @@ def match_chat_route(
     if not found:
         if routed is not None and routes_to_chat(routed):
             raise InvalidName(
-                "the path is a chat completions route only once its encoded '/' (%2F) are "
-                "decoded; send the path with plain '/'"
+                "the path is a chat completions route only once percent-decoded (an encoded "
+                "'/' or line break), so memory and access checks could not apply to it; "
+                "send it unencoded"
             )
         return None
     partition = instance = DEFAULT
