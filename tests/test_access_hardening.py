@@ -5,6 +5,7 @@ and the FastAPI example; only the model is the stand-in, which records what it w
 from __future__ import annotations
 
 import contextlib
+import json
 import runpy
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,8 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
+from fastapi import FastAPI, Request, WebSocket
 from openai import AsyncOpenAI
 
+from reservoir_middleware import ReservoirMiddleware
 from reservoir_middleware.gateway import create_app
 from tests.conftest import GatewayFactory, make_settings, serve
 from tests.upstream import Upstream
@@ -180,6 +184,54 @@ async def test_our_headers_and_the_admin_key_never_reach_the_app(
         assert gw.upstream.model_list_auth is None
         assert len(gw.upstream.received) == 8
         assert leaked(gw.upstream) == []
+
+
+def header_echo() -> FastAPI:
+    """A FastAPI app that answers with the request headers it was given, on any route."""
+    app = FastAPI()
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def anything(request: Request) -> dict[str, str]:
+        return dict(request.headers)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json(dict(websocket.headers))
+        await websocket.close()
+
+    return app
+
+
+async def test_no_route_of_a_fastapi_app_sees_our_headers(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, admin_key=ADMIN_KEY)
+    app = ReservoirMiddleware(header_echo(), settings=settings)
+    sent = {**OUR_HEADERS, "x-api-key": ADMIN_KEY, "X-Client": "kept"}
+    async with serve(app) as url, httpx.AsyncClient(timeout=30) as http:
+        seen = []
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/embeddings"),
+            ("PUT", "/v1/chat/completions"),
+            ("DELETE", "/v1/partition/p/instance/i/chat/completions"),
+            ("GET", "/v1/partition/p/instance/i/memory/%2Frecent"),
+        ):
+            for auth in ({"Authorization": f"Bearer {ADMIN_KEY}"}, {"Authorization": ADMIN_KEY}):
+                response = await http.request(method, url + path, headers={**sent, **auth})
+                assert response.status_code == 200, (method, path, response.text)
+                seen.append(response.json())
+        async with websockets.connect(
+            url.replace("http", "ws") + "/ws", additional_headers=sent, open_timeout=5
+        ) as ws:
+            seen.append(json.loads(await ws.recv()))
+    assert all(headers["x-client"] == "kept" for headers in seen)
+    found = [
+        (name, value)
+        for headers in seen
+        for name, value in headers.items()
+        if name.startswith("x-reservoir-") or ADMIN_KEY in value
+    ]
+    assert found == []
 
 
 async def test_the_fastapi_example_never_sends_the_admin_key_to_the_provider(
