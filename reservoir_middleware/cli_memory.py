@@ -157,6 +157,8 @@ async def import_(args: argparse.Namespace) -> int:
 async def delete(args: argparse.Namespace) -> int:
     reservoir = engine()
     scopes = scopes_of(reservoir, args.partition, args.instance)
+    if not scopes and args.partition is not None:  # a crash may have left it in a journal
+        await reservoir.delete(args.partition, args.instance)
     if not scopes:
         print("nothing to delete")
         return 0

@@ -30,7 +30,7 @@ from .builtins.truncation import BudgetTruncation
 from .chroma_server import ChromaServerError
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
 from .embeddings import MiniLMEmbedding, make_embedding_function
-from .journal import Journal
+from .journal import Journal, scope_matcher
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
 from .records import MessageRecord, Scope, chained_id, content_text, message_text
@@ -341,6 +341,8 @@ class Reservoir:
             if outcome.failures:
                 raise RuntimeError(str(outcome.failures[0])) from outcome.failures[0].error
             self._drop_queued(scope)  # what the store failed to take must not come back
+        if self.journal is not None:  # nor what a journal keeps, after a crash too
+            await anyio.to_thread.run_sync(self.journal.purge, scope_matcher(partition, instance))
         return len(scopes)
 
     def _drop_queued(self, scope: Scope) -> None:

@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,28 @@ class Journal:
         self._current = _JournalFile(path, fd)
         return self._current
 
+    def purge(self, drop: Callable[[dict[str, Any]], bool]) -> int:
+        """Remove the selected entries from every journal file in the directory
+        (this process's, and orphans not locked by a live process)."""
+        if not self.directory.is_dir():
+            return 0
+        removed = 0
+        with self._lock:
+            current = self._current
+            for path in sorted(self.directory.glob("*.jsonl")):
+                if current is not None and path == current.path:
+                    count = purge_file(path, drop)
+                    if count:  # go on appending to the new file, keeping its lock
+                        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        os.close(current.fd)
+                        current.fd = fd
+                        current.size = os.fstat(fd).st_size
+                    removed += count
+                else:
+                    removed += purge_file(path, drop)
+        return removed
+
     def orphans(self) -> Iterator[tuple[Path, list[JournalEntry]]]:
         """Files of processes that are gone, each with its entries not marked done.
 
@@ -170,3 +192,50 @@ def _read_entries(path: Path) -> list[JournalEntry]:
             entry_id = str(payload.pop("entry"))
             entries[entry_id] = JournalEntry(entry_id, payload)
     return list(entries.values())
+
+
+def purge_file(path: Path, drop: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrite a journal file without the entries `drop` selects (and their `done`
+    lines): a new file, fsynced and renamed over the old one, so none of the
+    dropped bytes stay in it. Returns how many entries were dropped."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return 0
+    kept: list[bytes] = []
+    dropped: set[str] = set()
+    for line in raw.splitlines(keepends=True):
+        try:
+            payload = json.loads(line.decode("utf-8", "surrogatepass"))
+        except ValueError:
+            kept.append(line)
+            continue
+        if isinstance(payload, dict) and "entry" in payload and drop(payload):
+            dropped.add(str(payload["entry"]))
+            continue
+        if isinstance(payload, dict) and str(payload.get("done")) in dropped:
+            continue
+        kept.append(line)
+    if not dropped:
+        return 0
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"".join(kept))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return len(dropped)
+
+
+def scope_matcher(partition: str, instance: str | None) -> Callable[[dict[str, Any]], bool]:
+    """Selects the journal entries of one scope, or of every instance of a partition."""
+
+    def match(payload: dict[str, Any]) -> bool:
+        scope = payload.get("scope")
+        if not isinstance(scope, list) or len(scope) != 2:
+            return False
+        return scope[0] == partition and (instance is None or scope[1] == instance)
+
+    return match

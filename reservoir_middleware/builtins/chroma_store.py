@@ -28,6 +28,7 @@ from ..hookspecs import hookimpl
 from ..records import MessageRecord, Scope
 from ..store import EmbeddingMismatch
 from .mirror import Loader, shared_mirror
+from .scrub import scrub, segment_ids
 
 COLLECTION_PREFIX = "rsv-"
 RECENT_CACHE = 256  # messages per scope kept in memory (embedded mode)
@@ -222,6 +223,8 @@ class ChromaStore:
             self._collections.pop(name, None)
             self._recent.pop(name, None)
             self._tails.pop(name, None)
+            # a recent-window read begun before this must not refill the cache
+            self._writes[name] = self._writes.get(name, 0) + 1
         self._mirror.forget(name)
 
     def collection(self, scope: Scope, *, create: bool = False) -> Any | None:
@@ -292,8 +295,15 @@ class ChromaStore:
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
         self.forget(scope)
+        segments: list[str] = []
         with contextlib.suppress(NotFoundError):
+            col = self.client.get_collection(collection_name(scope), embedding_function=None)
+            if self.chroma_url is None:
+                segments = segment_ids(self.data_dir, str(col.id))
             self.client.delete_collection(collection_name(scope))
+        self.forget(scope)
+        if self.chroma_url is None:  # no text left in free pages or index files
+            scrub(self.data_dir, segments)
 
     # -- reads -----------------------------------------------------------------
 
