@@ -29,8 +29,8 @@ from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from .builtins.truncation import BudgetTruncation
 from .chroma_server import ChromaServerError
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
-from .embeddings import MiniLMEmbedding, make_embedding_function
 from .deadletter import DeadLetters
+from .embeddings import MiniLMEmbedding, make_embedding_function
 from .journal import Journal
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
