@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from .sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSEReader
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
+    "MAX_ANSWER_CHARS",
     "Answer",
     "Assembler",
     "JsonAssembler",
@@ -32,6 +33,10 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+# A streamed answer is assembled up to this many characters (content, refusal
+# and tool-call arguments together); the rest is still forwarded to the client,
+# and memory stores what fits, marked incomplete (`Answer.capped`).
+MAX_ANSWER_CHARS = 4 * 1024 * 1024
 _INFLATE_STEP = 256 * 1024  # bounds what one compressed chunk may expand to at once
 _ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 
@@ -52,6 +57,7 @@ class Answer:
     error: dict[str, Any] | str | None = None
     done: bool = False  # saw `data: [DONE]`; for a JSON body: it parsed
     overflowed: bool = False  # an event or the body exceeded its cap and was dropped
+    capped: bool = False  # a streamed answer over MAX_ANSWER_CHARS: only its start is here
 
     @property
     def is_empty(self) -> bool:
@@ -247,6 +253,16 @@ class StreamAssembler(Assembler):
         self._role: str | None = None
         self._error: dict[str, Any] | str | None = None
         self._done = False
+        self._room = MAX_ANSWER_CHARS  # characters the assembled answer may still take
+        self._capped = False
+
+    def _take(self, text: str) -> str:
+        """What of `text` fits under the answer's cap (the rest is not kept)."""
+        if len(text) <= self._room:
+            self._room -= len(text)
+            return text
+        kept, self._room, self._capped = text[: self._room], 0, True
+        return kept
 
     def _consume(self, chunk: bytes) -> None:
         for event in self._reader.feed(chunk):
@@ -304,22 +320,32 @@ class StreamAssembler(Assembler):
     def _delta(self, delta: dict[str, Any]) -> None:
         content = delta.get("content")
         if content:
-            self._content.append(_join_parts(content, "text"))
+            self._content.append(self._take(_join_parts(content, "text")))
         refusal = delta.get("refusal")
         if isinstance(refusal, str):
             if self._refusal is None:
                 self._refusal = []
-            self._refusal.append(refusal)
+            self._refusal.append(self._take(refusal))
         if self._role is None:
             self._role = _str(delta.get("role"))
         calls = delta.get("tool_calls")
         if isinstance(calls, list):
             for call in calls:
                 if isinstance(call, dict):
-                    self._tool(call.get("index"), call.get("id")).merge(call)
+                    tool = self._tool(call.get("index"), call.get("id"))
+                    self._capped_merge(tool, tool.merge, call)
         function_call = delta.get("function_call")
         if isinstance(function_call, dict):
-            self._tool(0, None).merge_function(function_call)
+            tool = self._tool(0, None)
+            self._capped_merge(tool, tool.merge_function, function_call)
+
+    def _capped_merge(
+        self, tool: _ToolCall, merge: Callable[[dict[str, Any]], None], piece: dict[str, Any]
+    ) -> None:
+        before = len(tool.args)
+        merge(piece)
+        if len(tool.args) > before:  # the arguments count against the cap too
+            tool.args[-1] = self._take(tool.args[-1])
 
     def _tool(self, index: object, call_id: object) -> _ToolCall:
         if not isinstance(index, int):  # no index: match by id, else a new or the last call
@@ -351,6 +377,7 @@ class StreamAssembler(Assembler):
             error=self._error,
             done=self._done,
             overflowed=self._reader.overflowed,
+            capped=self._capped,
         )
 
 

@@ -192,6 +192,9 @@ async def stats(args: argparse.Namespace) -> int:
         print(f"disk:      {summary['disk_bytes'] / 1e6:.1f} MB")
     print(f"embedding: {summary['embedding_model']}")
     print(f"scopes:    {len(summary['scopes'])}, messages: {summary['messages']}")
+    if summary["dead_letters"]:
+        path = reservoir.dead_letters.path
+        print(f"set aside: {summary['dead_letters']} exchange(s) the store refused, in {path}")
     for row in summary["scopes"]:
         print(
             f"  {row['partition']}/{row['instance']}: {row['messages']} message(s), "

@@ -29,11 +29,20 @@ from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from .builtins.truncation import BudgetTruncation
 from .chroma_server import ChromaServerError
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
+from .deadletter import DeadLetters
 from .embeddings import MiniLMEmbedding, make_embedding_function
 from .journal import Journal, scope_matcher
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
-from .records import MessageRecord, Scope, chained_id, content_text, message_text
+from .records import (
+    MessageRecord,
+    Scope,
+    chained_id,
+    clean_text,
+    clean_value,
+    content_text,
+    message_text,
+)
 from .search import keyword_search
 from .selection import Hit, build_units, fuse, neighbour_ids, recent_window
 from .settings import ReservoirSettings
@@ -141,6 +150,7 @@ class Reservoir:
         self._inflight: dict[str, list[MessageRecord]] = {}
         self._journalling: set[asyncio.Task[None]] = set()
         self.journal = Journal(s.data_dir / "journal") if s.journal else None
+        self.dead_letters = DeadLetters(s.data_dir)
         self._warm = False
         self._recovered = False
 
@@ -271,8 +281,8 @@ class Reservoir:
                 partition=scope.partition,
                 instance=scope.instance,
                 role="assistant",
-                text=answer.content or (answer.refusal or ""),
-                tool_calls=answer.tool_calls or None,
+                text=clean_text(answer.content or (answer.refusal or "")),
+                tool_calls=clean_value(answer.tool_calls) or None,
                 trace_id=enrichment.trace_id,
                 model=model if isinstance(model, str) else None,
                 finish_reason=answer.finish_reason,
@@ -572,17 +582,17 @@ class Reservoir:
             role = message.get("role")
             if role not in STORED_ROLES:
                 continue
-            text = message_text(message)
-            calls = message.get("tool_calls") if role == "assistant" else None
+            text = clean_text(message_text(message))
+            calls = clean_value(message.get("tool_calls")) if role == "assistant" else None
             record = MessageRecord(
                 id=chained_id(scope, str(role), text, calls, prev),
                 partition=scope.partition,
                 instance=scope.instance,
                 role=str(role),
                 text=text,
-                name=message.get("name") if isinstance(message.get("name"), str) else None,
+                name=clean_text(name) if isinstance(name := message.get("name"), str) else None,
                 tool_calls=calls if isinstance(calls, list) and calls else None,
-                tool_call_id=_str_or_none(message.get("tool_call_id")),
+                tool_call_id=clean_value(_str_or_none(message.get("tool_call_id"))),
                 trace_id=trace_id,
                 model=model,
                 source=source,
@@ -600,9 +610,36 @@ class Reservoir:
                 self._write_batch,
                 self.settings.write_delay_ms / 1000,
                 in_process=self.store.in_process,
+                set_aside=self._set_aside,
             )
             self._lanes[loop] = lane
         return lane
+
+    async def _set_aside(self, job: WriteJob, error: BaseException) -> None:
+        """Keep a job the store keeps refusing in the dead-letter file, out of the journal."""
+        if job.entry is not None:  # as journalled (filtered already, when filters run)
+            data = job.entry.data
+        else:
+            answer = job.answer
+            records: list[MessageRecord] = []
+            for record in job.records:
+                prepared, _ = await self.hooks.prepare_record(replace(record))
+                if prepared is not None:
+                    records.append(prepared)
+            if answer is not None:
+                answer, _ = await self.hooks.prepare_record(replace(answer))
+            data = {
+                "scope": [job.scope.partition, job.scope.instance],
+                "trace_id": job.trace_id,
+                "records": [r.to_dict() for r in records],
+                "answer": answer.to_dict() if answer is not None else None,
+            }
+        try:
+            await anyio.to_thread.run_sync(self.dead_letters.add, data, error, job.failures)
+        finally:
+            if self.journal is not None and job.entry is not None:
+                self.journal.done(job.entry)
+                job.entry = None
 
     def _enqueue(
         self,
@@ -732,6 +769,7 @@ class Reservoir:
             records = job.records
             prev = job.after.last_id if job.after is not None else None
             only = records[0] if len(records) == 1 else None
+            rechained = False
             if (
                 only is not None
                 and only.prev_id is None
@@ -741,10 +779,13 @@ class Reservoir:
             ):
                 chained = chained_id(scope, only.role, only.text, only.tool_calls, last.id)
                 records = [replace(only, id=chained, prev_id=last.id)]
+                rechained = True
             if job.answer is not None:
                 records = [*records, answer_after(job.answer, records[-1].id if records else prev)]
             job.last_id = records[-1].id if records else prev
-            if job.trace_id in stored_traces:
+            # a retried job found in the store: its ids tell what landed (a big one
+            # goes in several upserts), except a re-chained turn, whose id moved on
+            if job.trace_id in stored_traces and (rechained or not records):
                 continue
             new = [r for r in records if r.id not in seen]
             seen.update(r.id for r in new)

@@ -114,6 +114,7 @@ def stats(reservoir: Reservoir) -> dict[str, Any]:
         "disk_bytes": disk_bytes(settings.data_dir) if embedded else None,
         "embedding_model": reservoir.embedding_model,
         "messages": sum(r["messages"] for r in rows),
+        "dead_letters": reservoir.dead_letters.count(),
         "scopes": rows,
     }
 

@@ -319,7 +319,9 @@ class ChatExchange:
                 return
             if answer is not None and (answer.is_empty or answer.overflowed):
                 answer = None
-            complete = complete and not self.disconnected
+            # an answer over the assembly cap is stored as far as it goes, as incomplete
+            capped = answer is not None and answer.capped
+            complete = complete and not self.disconnected and not capped
             self.reservoir.record_answer(enrichment, answer, complete=complete)
         except Exception as exc:
             log_failure("recording the answer failed", exc)

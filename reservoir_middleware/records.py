@@ -79,9 +79,8 @@ class MessageRecord:
             return {"role": "user", "content": f"[tool result] {self.text}"}
         if self.role == "assistant" and self.tool_calls:
             calls = "; ".join(
-                f"{c.get('function', {}).get('name', '?')}"
-                f"({c.get('function', {}).get('arguments', '')})"
-                for c in self.tool_calls
+                f"{c['function']['name'] or '?'}({c['function']['arguments'] or ''})"
+                for c in canonical_tool_calls(self.tool_calls) or ()
             )
             text = (
                 f"{self.text}\n[called tools] {calls}" if self.text else f"[called tools] {calls}"
@@ -92,6 +91,26 @@ class MessageRecord:
         if name:
             message["name"] = name
         return message
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Text that encodes as UTF-8: a lone surrogate (JSON allows `"\\ud800"`) becomes
+    U+FFFD, at the record boundary, so no tokenizer, store or file refuses it later."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def clean_value(value: Any) -> Any:
+    """`clean_text` through the strings of a JSON value (tool calls)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_value(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_value(v) for k, v in value.items()}
+    return value
 
 
 def message_text(message: Mapping[str, Any]) -> str:

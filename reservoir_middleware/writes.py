@@ -8,7 +8,9 @@ then all queued exchanges of a scope go in one batch. (Writing at the first
 quiet moment instead was measured: back to back it gave up the batching and
 tripled the added latency.) A batch that fails
 (the store is down) stays queued and is tried again with a growing pause;
-the journal keeps it across restarts.
+the journal keeps it across restarts. A job that fails for any other reason
+(content the store rejects, a bug) is tried alone, at most `MAX_ATTEMPTS`
+times, then set aside (the dead-letter file): no exchange can stop its scope.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ BACKLOG = 256  # queued exchanges beyond which new requests wait for the writer
 MAX_QUEUED_JOBS = 2000  # per scope while the store is down; older ones wait in the journal
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
+MAX_ATTEMPTS = 5  # failures not caused by the store being down, before a job is set aside
 
 
 @dataclass(eq=False)
@@ -57,6 +60,7 @@ class WriteJob:
     entry: JournalEntry | None = None
     verify: bool = False  # may be in the store already (replayed, retried): check by trace id
     written: list[str] = field(default_factory=list)
+    failures: int = 0  # attempts that failed with the store up
     last_id: str | None = None
     future: asyncio.Future[str | None] = field(default_factory=lambda: _loop().create_future())
     queued_at: float = field(default_factory=lambda: _loop().time())
@@ -71,13 +75,39 @@ def _loop() -> asyncio.AbstractEventLoop:
 
 
 WriteBatch = Callable[[Scope, list[WriteJob]], Awaitable[None]]
+SetAside = Callable[[WriteJob, BaseException], Awaitable[None]]
+
+
+def store_down(exc: BaseException) -> bool:
+    """The failure is the store being unreachable (retried without end, the
+    journal keeps the job), not something wrong with what was written."""
+    import httpx
+
+    from .chroma_server import ChromaServerError
+
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError | TimeoutError | httpx.TransportError | ChromaServerError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class WriteLane:
     """The queue and the writer task of one event loop."""
 
-    def __init__(self, write: WriteBatch, delay: float, *, in_process: bool = True) -> None:
+    def __init__(
+        self,
+        write: WriteBatch,
+        delay: float,
+        *,
+        in_process: bool = True,
+        set_aside: SetAside | None = None,
+    ) -> None:
         self.write = write
+        self.set_aside = set_aside
         self.delay = delay
         self.flush_records = FLUSH_RECORDS if in_process else SERVER_FLUSH_RECORDS
         self.max_batch_jobs = MAX_BATCH_JOBS if in_process else SERVER_MAX_BATCH_JOBS
@@ -195,15 +225,25 @@ class WriteLane:
 
     async def _write(self, key: str) -> None:
         queue = self.queues[key]
-        jobs = list(queue)[: self.max_batch_jobs]
+        # a job that failed with the store up is tried alone: only it may be set aside
+        jobs = [queue[0]] if queue[0].failures else list(queue)[: self.max_batch_jobs]
         try:
             await self.write(jobs[0].scope, jobs)
         except Exception as exc:
+            down = store_down(exc)
+            for job in jobs:
+                job.verify = True  # the failed write may have landed
+                if not down:
+                    job.failures += 1
+            if not down and len(jobs) > 1:  # find the bad one: each alone, at once
+                log_failure("storing a batch of memory failed; its exchanges are tried alone", exc)
+                return
+            if not down and jobs[0].failures >= MAX_ATTEMPTS:
+                await self._set_aside(key, queue, jobs[0], exc)
+                return
             pause = min(RETRY_MAX, self.retry_at.get(key, (0.0, RETRY_FIRST / 2))[1] * 2)
             if self.queues.get(key) is queue:  # (not dropped meanwhile)
                 self.retry_at[key] = (asyncio.get_running_loop().time() + pause, pause)
-            for job in jobs:
-                job.verify = True  # the failed write may have landed
             log_failure(
                 f"storing memory failed; {sum(len(q) for q in self.queues.values())} exchanges "
                 f"wait and are retried (next in {pause:.1f} s), the journal keeps them",
@@ -212,6 +252,27 @@ class WriteLane:
             )
             return
         self.retry_at.pop(key, None)
+        self._remove(key, queue, jobs)
+
+    async def _set_aside(
+        self, key: str, queue: deque[WriteJob], job: WriteJob, exc: BaseException
+    ) -> None:
+        """A job that keeps failing with the store up: out of the way of its scope."""
+        log_failure(
+            f"an exchange (trace id {job.trace_id}) failed to be stored {job.failures} times; "
+            "it is set aside in the dead-letter file and its scope goes on",
+            exc,
+            level=logging.ERROR,
+        )
+        if self.set_aside is not None:
+            try:
+                await self.set_aside(job, exc)
+            except Exception as error:
+                log_failure("cannot write the dead-letter file; the exchange is dropped", error)
+        self.retry_at.pop(key, None)
+        self._remove(key, queue, [job])
+
+    def _remove(self, key: str, queue: deque[WriteJob], jobs: list[WriteJob]) -> None:
         removed = 0
         for job in jobs:  # a job dropped meanwhile (queue overflow) is gone already
             if queue and queue[0] is job:

@@ -32,6 +32,7 @@ from .scrub import scrub, segment_ids
 
 COLLECTION_PREFIX = "rsv-"
 RECENT_CACHE = 256  # messages per scope kept in memory (embedded mode)
+FALLBACK_BATCH = 1000  # records per upsert when the client cannot tell its limit
 _RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
 
 
@@ -159,6 +160,7 @@ class ChromaStore:
         self._opened: list[Any] = []
         weakref.finalize(self, _close_clients, self._opened)
         self._collections: dict[str, Any] = {}
+        self._max_batch: tuple[Any, int] | None = None  # (client, its batch limit)
         self._lock = threading.Lock()
         # The newest messages of each scope, so the recent window costs no query.
         # Only in embedded mode: there this process is the only writer.
@@ -274,12 +276,15 @@ class ChromaStore:
     ) -> None:
         col = self.collection(scope, create=True)
         assert col is not None
-        col.upsert(
-            ids=[r.id for r in records],
-            embeddings=embeddings,
-            documents=[r.text for r in records],
-            metadatas=[_metadata(r) for r in records],
-        )
+        step = self.max_batch()
+        for start in range(0, len(records), step):  # one long transcript may exceed it
+            part = records[start : start + step]
+            col.upsert(
+                ids=[r.id for r in part],
+                embeddings=embeddings[start : start + step],
+                documents=[r.text for r in part],
+                metadatas=[_metadata(r) for r in part],
+            )
         with self._lock:
             name = collection_name(scope)
             self._writes[name] = self._writes.get(name, 0) + 1
@@ -291,6 +296,18 @@ class ChromaStore:
                 self._tails[name] = (records[last].seq + 1, records[last], embeddings[last])
         if self.single_writer:
             self._mirror.add(name, records, embeddings)
+
+    def max_batch(self) -> int:
+        """Records the store takes in one call (Chroma's limit, asked once per client)."""
+        client = self.client
+        known = self._max_batch
+        if known is None or known[0] is not client:
+            try:
+                size = int(client.get_max_batch_size())
+            except Exception:
+                size = -1
+            known = self._max_batch = (client, size if size > 0 else FALLBACK_BATCH)
+        return known[1]
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:

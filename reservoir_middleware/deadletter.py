@@ -1,0 +1,77 @@
+"""Exchanges set aside: writes that keep failing for a reason other than the store.
+
+One exchange the store will never take (content it rejects, a bug) must not
+stop its scope: after a few attempts its job is written here, one JSON line
+per exchange (mode 0600, beside the journal), and the scope's later
+exchanges are stored. The file is for the operator: `reservoir stats`
+counts it; each line has the exchange's trace id, scope, records and error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+FILE_NAME = "dead-letter.jsonl"
+
+
+class DeadLetters:
+    """The dead-letter file of one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / FILE_NAME
+        self._lock = threading.Lock()
+
+    def add(self, data: dict[str, Any], error: BaseException, attempts: int) -> None:
+        """Append one exchange; raises OSError if the directory is not writable."""
+        payload = {
+            **data,
+            "error": f"{type(error).__name__}: {error}"[:2000],
+            "attempts": attempts,
+            "set_aside_at": time.time(),
+        }
+        line = (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def count(self) -> int:
+        """How many exchanges were set aside (0 without a file)."""
+        try:
+            with self.path.open("rb") as file:
+                return sum(1 for line in file if line.strip())
+        except OSError:
+            return 0
+
+    def purge(self, partition: str, instance: str | None = None) -> None:
+        """Drop the lines of a deleted scope (or partition); the file is rewritten."""
+        with self._lock:
+            try:
+                lines = self.path.read_bytes().splitlines(keepends=True)
+            except OSError:
+                return
+            kept = []
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    scope = json.loads(line).get("scope") or ["", ""]
+                    if scope[0] == partition and instance in (None, scope[1]):
+                        continue
+                kept.append(line)
+            if len(kept) == len(lines):
+                return
+            temporary = self.path.with_suffix(".tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"".join(kept))
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
