@@ -353,6 +353,7 @@ class Reservoir:
             self._drop_queued(scope)  # what the store failed to take must not come back
         if self.journal is not None:  # nor what a journal keeps, after a crash too
             await anyio.to_thread.run_sync(self.journal.purge, scope_matcher(partition, instance))
+        await anyio.to_thread.run_sync(self.dead_letters.purge, partition, instance)
         return len(scopes)
 
     def _drop_queued(self, scope: Scope) -> None:

@@ -11,22 +11,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASET = ROOT.parent / "shared" / "datasets" / "locomo"
+DATASET = ROOT / "tests" / "fixtures" / "locomo"  # a small conversation written for this test
 
 
 @pytest.mark.timeout(400)
 def test_locomo_benchmark_tiny_run(tmp_path: Path) -> None:
-    assert (DATASET / "30.json").is_file(), (
-        f"the LoCoMo dataset is expected beside the repository, at {DATASET} "
-        "(30.json missing); see bench/locomo.py"
-    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RSV_")}
     env["RSV_CONFIG_FILE"] = str(tmp_path / "no-config.toml")
     argv = [
         sys.executable,
         str(ROOT / "bench" / "locomo.py"),
+        "--dataset",
+        str(DATASET),
         "--conversations",
-        "30",
+        "fixture",
         "--limit-questions",
         "5",
         "--strategies",
@@ -39,8 +37,8 @@ def test_locomo_benchmark_tiny_run(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout
-    assert "bench/locomo.py --conversations 30" in out, out
-    assert "369 turns stored through Reservoir.add" in out, out
+    assert "--conversations fixture" in out, out
+    assert "24 turns stored through Reservoir.add" in out, out
     header = (
         r"^\| strategy \| questions \| evidence recall \| all-evidence hit rate \| "
         r"mean injected tokens \| latency p50 ms \| latency p99 ms \|$"
@@ -51,7 +49,7 @@ def test_locomo_benchmark_tiny_run(tmp_path: Path) -> None:
     for label in ("default", "recent only", r"previous default @1000 \(comparison\)"):
         assert re.search(rf"^\| {label} {row}", out, re.M), (label, out)
     assert re.search(r"^\| strategy \| 1 multi-hop \(n=\d+\) \|", out, re.M), out
-    assert re.search(r"^\| strategy \| 30\.json \(n=5\) \|$", out, re.M), out
+    assert re.search(r"^\| strategy \| fixture\.json \(n=5\) \|$", out, re.M), out
     assert "reference (dataset README" in out, out
 
     # A second run reuses the filled store instead of storing the turns again.

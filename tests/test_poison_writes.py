@@ -146,6 +146,9 @@ async def test_a_job_the_store_keeps_refusing_is_set_aside_and_counted(
         from reservoir_middleware import maintenance
 
         assert maintenance.stats(gw.reservoir)["dead_letters"] == 1
+        await gw.reservoir.delete("p", "i")  # a deleted scope leaves nothing set aside
+        assert gw.reservoir.dead_letters.count() == 0
+        assert b"POISON pill" not in path.read_bytes()
 
 
 async def test_a_streamed_answer_over_the_cap_reaches_the_client_whole_and_is_stored_capped(
