@@ -629,12 +629,7 @@ class Reservoir:
                     records.append(prepared)
             if answer is not None:
                 answer, _ = await self.hooks.prepare_record(replace(answer))
-            data = {
-                "scope": [job.scope.partition, job.scope.instance],
-                "trace_id": job.trace_id,
-                "records": [r.to_dict() for r in records],
-                "answer": answer.to_dict() if answer is not None else None,
-            }
+            data = exchange_data(job, records, answer)
         try:
             await anyio.to_thread.run_sync(self.dead_letters.add, data, error, job.failures)
         finally:
@@ -679,12 +674,7 @@ class Reservoir:
         """Keep the exchange on disk until the store has it (survives a kill)."""
         if self.journal is None:
             return
-        data = {
-            "scope": [job.scope.partition, job.scope.instance],
-            "trace_id": job.trace_id,
-            "records": [r.to_dict() for r in records],
-            "answer": answer.to_dict() if answer is not None else None,
-        }
+        data = exchange_data(job, records, answer)
         try:
             job.entry = self.journal.append(data)
         except Exception as exc:
@@ -858,6 +848,18 @@ def answer_after(template: MessageRecord, prev_id: str | None) -> MessageRecord:
     """The answer record chained after the message it answers."""
     chained = chained_id(template.scope, "assistant", template.text, template.tool_calls, prev_id)
     return replace(template, id=chained, prev_id=prev_id)
+
+
+def exchange_data(
+    job: WriteJob, records: list[MessageRecord], answer: MessageRecord | None
+) -> dict[str, Any]:
+    """An exchange as the journal and the dead-letter file keep it (`job_from_journal` reads it)."""
+    return {
+        "scope": [job.scope.partition, job.scope.instance],
+        "trace_id": job.trace_id,
+        "records": [r.to_dict() for r in records],
+        "answer": answer.to_dict() if answer is not None else None,
+    }
 
 
 def job_from_journal(data: Mapping[str, Any]) -> WriteJob:
