@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from .private import PRIVATE_UMASK, private_open
+
 logger = logging.getLogger("reservoir")
 
 START_TIMEOUT_S = 60.0
@@ -118,7 +120,7 @@ class ChromaServer:
             ours, theirs = socket.socketpair()
             command += ["--embed-fd", str(theirs.fileno()), "--embed-threads"]
             command.append(str(self.embed_threads))
-        log = open(self.data_dir / LOG_FILE, "ab")  # noqa: SIM115 - the child keeps it
+        log = private_open(self.data_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND)  # the child's
         env = dict(os.environ, ANONYMIZED_TELEMETRY="False")
         try:
             proc = subprocess.Popen(
@@ -129,13 +131,14 @@ class ChromaServer:
                 env=env,
                 pass_fds=(theirs.fileno(),) if theirs is not None else (),
                 start_new_session=True,  # a Ctrl-C meant for the gateway is not its
+                umask=PRIVATE_UMASK,  # what Chroma creates is the owner's only
             )
         except BaseException:
             if ours is not None:
                 ours.close()
             raise
         finally:
-            log.close()
+            os.close(log)
             if theirs is not None:
                 theirs.close()
         self._proc = proc

@@ -97,15 +97,18 @@ class ContextPlan:
     recent: list[MessageRecord]
     conversation: list[dict[str, Any]]
     merge_system: bool = False
+    instance: str | None = None
+    """The request's instance: memory of another one (`semantic_scope="partition"`)
+    is rendered as quoted text (`memory_message`), never as its turns."""
 
     def render(self) -> list[dict[str, Any]]:
         """The messages list: system, notes and memory, then the client's turns."""
         memory: list[tuple[str, list[dict[str, Any]]]] = []
         semantic = [r for unit in chronological(self.semantic) for r in unit.records]
         if semantic:
-            memory.append((SEMANTIC_NOTE, [r.to_message() for r in semantic]))
+            memory.append((SEMANTIC_NOTE, [self.memory_message(r) for r in semantic]))
         if self.recent:
-            memory.append((RECENT_NOTE, [r.to_message() for r in self.recent]))
+            memory.append((RECENT_NOTE, [self.memory_message(r) for r in self.recent]))
         if not self.merge_system:
             out = list(self.system)
             for note, messages in memory:
@@ -113,6 +116,17 @@ class ContextPlan:
                 out.extend(messages)
             return out + list(self.conversation)
         return merged_system(self.system, memory) + list(self.conversation)
+
+    def memory_message(self, record: MessageRecord) -> dict[str, Any]:
+        """A stored message as injected. Another instance's message is what
+        another client said, or claimed the model said: it becomes a `user`
+        message quoting it with its origin, so no client can put words in the
+        mouth of the model (or of a tool) in a conversation not its own."""
+        if self.instance is None or record.instance == self.instance:
+            return record.to_message()
+        said = record.to_message()
+        who = record.role + (f" {said['name']}" if said.get("name") else "")
+        return {"role": "user", "content": f"[instance {record.instance}, {who}] {said['content']}"}
 
 
 def chronological(units: list[MemoryUnit]) -> list[MemoryUnit]:

@@ -24,6 +24,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .private import private_dir, private_open
+
 LOCK_NAME = "reservoir.lock"
 
 _held: dict[Path, tuple[int, int]] = {}  # directory -> (pid that locked it, file descriptor)
@@ -60,10 +62,10 @@ def lock_data_dir(data_dir: Path) -> None:
         held = _held.get(directory)
         if held is not None and held[0] == os.getpid():
             return
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         path = directory / LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = private_open(path, os.O_RDWR)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
                 return  # a directory this process cannot write: it cannot corrupt it either

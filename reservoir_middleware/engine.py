@@ -34,6 +34,7 @@ from .embeddings import MiniLMEmbedding, make_embedding_function
 from .journal import Journal, scope_matcher
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
+from .private import private_dirs, tighten_tree
 from .records import (
     MessageRecord,
     Scope,
@@ -329,7 +330,11 @@ class Reservoir:
             vector = await self._embed_one(query)
             hits = await anyio.to_thread.run_sync(self.store.query, scope, vector, limit)
             return [SearchHit(r, sim) for r, sim in hits]
-        ranked = await anyio.to_thread.run_sync(keyword_search, self.store, scope, query, limit)
+        lexical = self.plugin_manager.get_plugin("lexical")
+        lexical = lexical if isinstance(lexical, LexicalRetrieval) else None
+        ranked = await anyio.to_thread.run_sync(
+            keyword_search, self.store, scope, query, limit, lexical
+        )
         return [SearchHit(r, score) for r, score in ranked]
 
     async def recent(
@@ -396,6 +401,8 @@ class Reservoir:
         """Stop the child process embedded Chroma runs in (it starts again if
         this engine is used later); the middleware does it at shutdown."""
         await anyio.to_thread.run_sync(self.store.close)
+        # what was made meanwhile with the app's umask (by inline Chroma, a plugin) is tightened
+        await anyio.to_thread.run_sync(tighten_tree, self.settings.data_dir)
 
     async def preload(self, partition: str, instance: str) -> None:
         """Load a scope's in-memory copies now (embedded mode: its messages by id;
@@ -418,6 +425,9 @@ class Reservoir:
         request, so that no loading ever happens on the event loop.
         """
         await self._warm_up_engine()
+        if self.journal is not None:  # its files are 0600; its directory is private too
+            directories = (self.settings.data_dir, self.journal.directory)
+            await anyio.to_thread.run_sync(private_dirs, *directories)
         await anyio.to_thread.run_sync(lambda: self.store.client)
 
     async def _warm_up_engine(self) -> None:
@@ -514,6 +524,7 @@ class Reservoir:
             recent=recent,
             conversation=messages[lead:],
             merge_system=s.merge_system_messages,
+            instance=scope.instance,
         )
 
     async def _resolve(self, hits: list[Hit]) -> list[Hit]:

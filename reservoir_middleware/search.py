@@ -1,25 +1,53 @@
 """The package's one tokenizer, and keyword search ranked by BM25.
 
 `terms()` is what both BM25 rankings see (this keyword search and the
-built-in "lexical" retrieval plugin): lower-cased words without common stop
-words, lightly stemmed by `stem()`.
+built-in "lexical" retrieval plugin): case-folded words with the accents of
+Latin letters removed, without common stop words, lightly stemmed by
+`stem()`; runs of Chinese, Japanese or Korean letters (written without
+spaces) become overlapping pairs of characters; an identifier joined by
+`.`, `-`, `_`, `/` or `:` ("v1.2.3", "2023-05-01") is a term as well as its
+parts.
 
-Keyword search: Chroma's `$contains` is a case-sensitive substring filter
-without ranking, so it only gathers candidates (the query's unstemmed words in
-the usual casings); the ranking is done here.
+Keyword search ranks with the lexical plugin's index of the scope (the one
+requests use), so it finds what a request would, in any casing.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
-from collections import Counter
+import unicodedata
+from typing import TYPE_CHECKING
 
 from .records import MessageRecord, Scope
 from .store import MemoryStore
 
-WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)?", re.UNICODE)
+if TYPE_CHECKING:
+    from .builtins.lexical import LexicalRetrieval
+
+
+def _mark_class() -> str:
+    """A regex class of the combining marks (vowel signs of Indic scripts,
+    accents written apart): not `\\w` for `re`, yet part of their word."""
+    ranges: list[tuple[int, int]] = []
+    for code in range(0x300, 0x20000):
+        if unicodedata.category(chr(code)).startswith("M"):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1] = (ranges[-1][0], code)
+            else:
+                ranges.append((code, code))
+    return "".join(f"{chr(a)}-{chr(b)}" if a != b else chr(a) for a, b in ranges)
+
+
+LETTERS = f"(?:[^\\W_]|[{_mark_class()}])+"
+WORD = re.compile(f"{LETTERS}(?:['\u2019]{LETTERS})?")
+# a run of words joined by . - _ / : with no space ("v1.2.3", "my_var", "a/b")
+COMPOUND = re.compile(f"{LETTERS}(?:[.\\-_/:]{LETTERS})+")
+# letters of scripts written without spaces between words: Han, kana, Hangul
+CJK = re.compile(
+    "[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\uac00-\ud7af\u1100-\u11ff\u3130-\u318f\uff66-\uff9f\U00020000-\U0003134f]+"
+)
 STOP_WORDS = frozenset(
     [
         "a",
@@ -89,19 +117,60 @@ STOP_WORDS = frozenset(
         "your",
     ]
 )
-CANDIDATE_CAP = 2000
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words of a text without common stop words, a possessive
-    "'s" removed ("Caroline's" -> "caroline"); single letters are left out."""
+    """Folded words of a text without common stop words (see `fold`), a
+    possessive "'s" removed ("Caroline's" -> "caroline"); single letters are
+    left out. CJK runs become character pairs ("東京に" -> "東京", "京に")."""
     out = []
     for raw in WORD.findall(text):
-        word = raw.lower().replace("\u2019", "'")
-        if word.endswith("'s"):
-            word = word[:-2]
-        if word not in STOP_WORDS and (len(word) > 1 or word.isdigit()):
-            out.append(word)
+        for part in _split_cjk(fold(raw)):
+            word = part.replace("\u2019", "'")
+            if word.endswith("'s"):
+                word = word[:-2]
+            if word not in STOP_WORDS and (len(word) > 1 or word.isdigit() or CJK.match(word)):
+                out.append(word)
+    for compound in COMPOUND.findall(text):
+        out.append(fold(compound))
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def fold(word: str) -> str:
+    """Case-folded ("Straße" -> "strasse"), compatibility forms unified (full
+    width, ligatures), and the accents of Latin letters removed ("Café" ->
+    "cafe"); the marks of other scripts are part of their letters and stay."""
+    word = word.casefold()
+    if word.isascii():
+        return word
+    out: list[str] = []
+    latin = False
+    for ch in unicodedata.normalize("NFKD", word):
+        if unicodedata.combining(ch):
+            if latin:
+                continue
+        else:
+            latin = ch < "\u0250" or "\u1e00" <= ch <= "\u1eff"
+        out.append(ch)
+    return unicodedata.normalize("NFC", "".join(out))
+
+
+def _split_cjk(word: str) -> list[str]:
+    """The word, with each CJK run in it replaced by its overlapping character
+    pairs (a one-character run stays as it is)."""
+    if word.isascii() or not CJK.search(word):
+        return [word]
+    out: list[str] = []
+    last = 0
+    for run in CJK.finditer(word):
+        if run.start() > last:
+            out.append(word[last : run.start()])
+        chars = run.group()
+        out += [chars] if len(chars) == 1 else [chars[i : i + 2] for i in range(len(chars) - 1)]
+        last = run.end()
+    if last < len(word):
+        out.append(word[last:])
     return out
 
 
@@ -142,35 +211,22 @@ def stem(word: str) -> str:
     return word
 
 
-def bm25_rank(
-    query_terms: list[str], records: list[MessageRecord], *, k1: float = 1.2, b: float = 0.75
-) -> list[tuple[MessageRecord, float]]:
-    """BM25 scores of `records` for the query, best first (zero scores left out)."""
-    if not records or not query_terms:
-        return []
-    docs = [Counter(terms(r.text)) for r in records]
-    avg = sum(sum(d.values()) for d in docs) / len(docs) or 1.0
-    df = Counter(t for d in docs for t in set(d) if t in query_terms)
-    scored = []
-    for record, doc in zip(records, docs, strict=True):
-        length = sum(doc.values())
-        score = 0.0
-        for term in set(query_terms):
-            tf = doc.get(term, 0)
-            if not tf:
-                continue
-            idf = math.log(1 + (len(docs) - df[term] + 0.5) / (df[term] + 0.5))
-            score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / avg))
-        if score > 0:
-            scored.append((record, score))
-    scored.sort(key=lambda pair: pair[1], reverse=True)
-    return scored
-
-
 def keyword_search(
-    store: MemoryStore, scope: Scope, query: str, limit: int
+    store: MemoryStore,
+    scope: Scope,
+    query: str,
+    limit: int,
+    lexical: LexicalRetrieval | None = None,
 ) -> list[tuple[MessageRecord, float]]:
-    query_words = words(query) or [w.lower() for w in WORD.findall(query)]
-    variants = sorted({v for w in query_words for v in (w, w.capitalize(), w.upper())})
-    candidates = store.keyword(scope, variants, CANDIDATE_CAP)
-    return bm25_rank([stem(w) for w in query_words], candidates)[:limit]
+    """The scope's messages ranked by BM25 for the query, best first, with the
+    index and tokenizer the request path uses (`lexical`'s index of the scope,
+    built now if need be; without a plugin, a one-off index)."""
+    from .builtins.lexical import LexicalRetrieval  # lexical imports this module
+
+    if lexical is None:
+        lexical = LexicalRetrieval()
+    ranked = lexical.ranked(scope, store, terms(query), limit)
+    if not ranked:
+        return []
+    found = {r.id: r for r in store.get(scope, [id_ for id_, _ in ranked])}
+    return [(found[id_], score) for id_, score in ranked if id_ in found]

@@ -300,7 +300,7 @@ def lock_stripe(directory: Path, key: str) -> int:
     Workers on one machine sharing a Chroma server take turns per scope
     (striped over a fixed set of files); release by closing the returned fd.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     stripe = int(hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:8], 16)
     path = directory / f"scope-{stripe % LOCK_STRIPES:03d}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

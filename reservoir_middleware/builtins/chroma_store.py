@@ -25,6 +25,7 @@ from chromadb.errors import NotFoundError
 
 from ..chroma_server import ChromaServer, release, shared_server
 from ..hookspecs import hookimpl
+from ..private import NewEntries, secure_data_dir
 from ..records import MessageRecord, Scope
 from ..store import EmbeddingMismatch
 from .mirror import Loader, shared_mirror
@@ -110,7 +111,7 @@ def make_client(data_dir: Path, chroma_url: str | None) -> Any:
         )
     from ..datadir_lock import lock_data_dir
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(data_dir)  # 0700, and what an older version left tightened
     lock_data_dir(data_dir)  # one process per directory, else DataDirInUse
     return chromadb.PersistentClient(path=str(data_dir), settings=settings)
 
@@ -168,6 +169,9 @@ class ChromaStore:
         self._writes: dict[str, int] = {}  # per scope, to spot a write racing a cache load
         self._tails: dict[str, Tail] = {}  # next seq, last message and its embedding
         self._mirror = shared_mirror(data_dir)  # whole scopes, for reads by id (embedded)
+        # Inline: what Chroma creates for a collection's first write, made 0600/0700 after it
+        self._created: NewEntries | None = None
+        self._written: set[str] = set()
 
     # -- collections ---------------------------------------------------------
 
@@ -184,10 +188,15 @@ class ChromaStore:
 
     def _connect(self) -> Any:
         if self._server is None:
-            return make_client(self.data_dir, self.chroma_url)
+            if self.in_process:  # Chroma creates files here with the app's umask
+                self._created = NewEntries(self.data_dir)
+            client = make_client(self.data_dir, self.chroma_url)
+            if self._created is not None:
+                self._created.check()  # chroma.sqlite3
+            return client
         from ..datadir_lock import lock_data_dir
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(self.data_dir)  # before the child opens it
         lock_data_dir(self.data_dir)  # the child is ours: no other process may open it
         client = make_client(self.data_dir, self._server.start())
         self._opened.append(client)
@@ -285,8 +294,11 @@ class ChromaStore:
                 documents=[r.text for r in part],
                 metadatas=[_metadata(r) for r in part],
             )
+        name = collection_name(scope)
+        if self._created is not None and name not in self._written:
+            self._written.add(name)
+            self._created.check()  # its vector index files, made with the app's umask
         with self._lock:
-            name = collection_name(scope)
             self._writes[name] = self._writes.get(name, 0) + 1
             cached = self._recent.get(name)
             if cached is not None:

@@ -259,6 +259,24 @@ class LexicalRetrieval:
                 self._build(scope, store, entry)
         return entry.index
 
+    def ranked(
+        self, scope: Scope, store: MemoryStore, query_terms: Sequence[str], limit: int
+    ) -> list[tuple[str, float]]:
+        """The scope's best (id, score) for these terms, the index brought up
+        to date first (built, or caught up with what others wrote): the
+        keyword search of the CLI and admin API, ranked as requests rank."""
+        if not query_terms or limit <= 0:
+            return []
+        self.preload(scope, store)
+        with self._lock:
+            entry = self._entries.get(scope.key)
+        if entry is None or entry.index is None:
+            return []
+        if not getattr(store, "single_writer", False):
+            with entry.build_lock:
+                self._catch_up(scope, store, entry)
+        return entry.index.top(query_terms, limit)
+
     def preload(self, scope: Scope, store: MemoryStore) -> None:
         """Build the scope's index now (blocking), unless it is built already."""
         with self._lock:

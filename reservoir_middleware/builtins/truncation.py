@@ -66,7 +66,7 @@ def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     def cost(records: list[MessageRecord]) -> int:
         for r in records:
             if r.id not in costs:
-                costs[r.id] = count(r.to_message())
+                costs[r.id] = count(plan.memory_message(r))
         return sum(costs[r.id] for r in records)
 
     used = 0
@@ -125,9 +125,10 @@ def truncate(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
         recent=list(plan.recent),
         conversation=list(plan.conversation),
         merge_system=plan.merge_system,
+        instance=plan.instance,
     )
-    unit_cost = [sum(count(r.to_message()) for r in u.records) for u in plan.semantic]
-    recent_cost = [count(r.to_message()) for r in plan.recent]
+    unit_cost = [sum(count(plan.memory_message(r)) for r in u.records) for u in plan.semantic]
+    recent_cost = [count(plan.memory_message(r)) for r in plan.recent]
     convo_cost = [count(m) for m in plan.conversation]
     fixed = sum(count(m) for m in plan.system) + 3
     sem_note = count({"role": "system", "content": SEMANTIC_NOTE})
@@ -180,5 +181,6 @@ def _render(plan: ContextPlan, dropped: set[int]) -> list[dict[str, Any]]:
         recent=plan.recent,
         conversation=[m for i, m in enumerate(plan.conversation) if i not in dropped],
         merge_system=plan.merge_system,
+        instance=plan.instance,
     )
     return trial.render()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -213,3 +215,40 @@ def test_query_terms() -> None:
     ]
     assert query_terms("Is it a 5?") == ["5"]
     assert query_terms('the "quoted" OR NEAR(x)') == ["quoted", "near"]
+
+
+def loose_entries(root: Path) -> list[str]:
+    """The entries under `root` (and itself) that group or others may access."""
+    return [
+        f"{oct(stat.S_IMODE(p.lstat().st_mode))} {p.name}"
+        for p in [root, *root.rglob("*")]
+        if stat.S_IMODE(p.lstat().st_mode) & 0o077
+    ]
+
+
+async def test_the_index_files_are_private_under_the_usual_umask(tmp_path: Path) -> None:
+    """Index terms reveal the conversations: the directory 0700, the files 0600,
+    whether written by the store hook or rebuilt, and older loose ones tightened."""
+    old = os.umask(0o022)
+    try:
+        data = tmp_path / "memory"
+        engine = make_engine(data, Bm25Retrieval(data))
+        await remember(engine, *OTHERS)
+        await remember(engine, TARGET)
+        index = data / "bm25"
+        assert TARGET in await injected(engine, QUESTION)
+        assert list(index.glob("*.sqlite3")) and loose_entries(index) == []
+
+        shutil.rmtree(index)  # rebuilt from the store: a temporary file swapped in
+        rebuilt = Bm25Retrieval(data)
+        assert TARGET in await injected(make_engine(data, rebuilt), QUESTION)
+        assert rebuilt.rebuilds == 1
+        assert list(index.glob("*.sqlite3")) and loose_entries(index) == []
+
+        for path in [index, *index.rglob("*")]:  # as an older version left them
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        later = Bm25Retrieval(data)
+        assert TARGET in await injected(make_engine(data, later), QUESTION)
+        assert later.rebuilds == 0 and loose_entries(index) == []
+    finally:
+        os.umask(old)

@@ -6,6 +6,8 @@ then the order truncation fills it in decides which one the model sees.
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -166,3 +168,27 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert decay.recall_file() == tmp_path / "data" / "recency" / "recalls.sqlite3"
     with pytest.raises(ValueError, match="floor"):
         RecencyDecay(floor=1.5)
+
+
+async def test_the_recall_log_is_private_under_the_usual_umask(tmp_path: Path) -> None:
+    """What was recalled and when tells about the conversations: 0700 and 0600,
+    an older loose log tightened."""
+    old = os.umask(0o022)
+    try:
+        data = tmp_path / "memory"
+        engine = make_engine(data, RecencyDecay(data))
+        await remember_at(engine, OLD_CLOSE, time.time())
+        assert await injected(engine) == [OLD_CLOSE]
+        log_dir = data / "recency"
+        assert (log_dir / "recalls.sqlite3").is_file()
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [log_dir, *log_dir.iterdir()]}
+        assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+        log_dir.chmod(0o755)  # as an older version left them
+        for path in log_dir.iterdir():
+            path.chmod(0o644)
+        assert await injected(make_engine(data, RecencyDecay(data))) == [OLD_CLOSE]
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [log_dir, *log_dir.iterdir()]}
+        assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+    finally:
+        os.umask(old)

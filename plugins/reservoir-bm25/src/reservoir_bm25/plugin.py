@@ -38,6 +38,7 @@ from pathlib import Path
 
 from reservoir_middleware import MessageRecord, Scope, hookimpl
 from reservoir_middleware.context import Candidate, RetrievalQuery
+from reservoir_middleware.private import private_dir, private_file, tighten_tree
 from reservoir_middleware.search import STOP_WORDS as CORE_STOP_WORDS
 from reservoir_middleware.store import MemoryStore
 
@@ -117,6 +118,7 @@ class Bm25Retrieval:
         self.blocking_rebuild = blocking_rebuild
         self.rebuilds = 0  # how many indexes were (re)built from the store
         self._lock = threading.Lock()  # guards the dicts below
+        self._tightened = False
         self._scope_locks: dict[str, threading.RLock] = {}
         self._checked: dict[str, float] = {}  # scope key -> when its size was last compared
         # scope key -> messages stored while its index is being rebuilt
@@ -130,6 +132,9 @@ class Bm25Retrieval:
             if self._index_dir is None:
                 data_dir = self._data_dir if self._data_dir is not None else _default_data_dir()
                 self._index_dir = data_dir / "bm25"
+            if not self._tightened:  # indexes an older version left readable by others
+                self._tightened = True
+                tighten_tree(self._index_dir)
             return self._index_dir
 
     def path(self, scope: Scope) -> Path:
@@ -289,7 +294,7 @@ class Bm25Retrieval:
         the swap holds it. A delete meanwhile discards the new file."""
         key = scope.key
         path = self.path(scope)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         fresh = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -355,8 +360,9 @@ def _pages(store: MemoryStore, scope: Scope) -> Iterator[list[tuple[str, str]]]:
 @contextlib.contextmanager
 def _open(path: Path, *, create: bool = False) -> Iterator[sqlite3.Connection]:
     """A connection to an index database, closed afterwards (`with db:` commits)."""
-    if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if create:  # conversations are private: the directory 0700, the files 0600
+        private_dir(path.parent)
+        private_file(path)  # SQLite gives its journal files the same mode
     uri = f"{path.absolute().as_uri()}?mode={'rwc' if create else 'rw'}"
     db = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
     try:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from reservoir_middleware import MessageRecord, Scope, hookimpl
 from reservoir_middleware.context import ContextPlan, MemoryUnit, TokenBudget
+from reservoir_middleware.private import private_dir, private_file
 
 _builtin_truncate: Callable[[ContextPlan, TokenBudget], ContextPlan] | None
 try:  # what the next truncation (the built-in) will keep; see `_predict`
@@ -113,7 +114,8 @@ class RecallLog:
         if not create and not path.exists():
             yield None
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)  # what was recalled, when: private, like the memory
+        private_file(path)  # 0600 (tightened if older), and so are SQLite's journal files
         db = sqlite3.connect(path, timeout=30, check_same_thread=False)
         try:
             db.execute("PRAGMA synchronous = NORMAL")
