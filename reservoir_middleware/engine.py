@@ -23,7 +23,7 @@ import numpy as np
 
 from .answer import Answer
 from .builtins.chroma_store import ChromaStore
-from .builtins.lexical import LexicalRetrieval
+from .builtins.lexical import LexicalRetrieval, keyword_search
 from .builtins.partition_keys import PartitionKeys
 from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from .builtins.truncation import BudgetTruncation
@@ -44,7 +44,6 @@ from .records import (
     content_text,
     message_text,
 )
-from .search import keyword_search
 from .selection import Hit, build_units, fuse, neighbour_ids, recent_window
 from .settings import ReservoirSettings
 from .tokens import REPLY_PRIMING, ModelLimits, count_message, warm_up_encodings
@@ -331,9 +330,10 @@ class Reservoir:
             hits = await anyio.to_thread.run_sync(self.store.query, scope, vector, limit)
             return [SearchHit(r, sim) for r, sim in hits]
         lexical = self.plugin_manager.get_plugin("lexical")
-        lexical = lexical if isinstance(lexical, LexicalRetrieval) else None
+        if not isinstance(lexical, LexicalRetrieval):  # disabled: a one-off index
+            lexical = LexicalRetrieval()
         ranked = await anyio.to_thread.run_sync(
-            keyword_search, self.store, scope, query, limit, lexical
+            keyword_search, lexical, self.store, scope, query, limit
         )
         return [SearchHit(r, score) for r, score in ranked]
 

@@ -1,15 +1,12 @@
-"""The package's one tokenizer, and keyword search ranked by BM25.
+"""The package's one tokenizer for keyword search.
 
-`terms()` is what both BM25 rankings see (this keyword search and the
-built-in "lexical" retrieval plugin): case-folded words with the accents of
-Latin letters removed, without common stop words, lightly stemmed by
-`stem()`; runs of Chinese, Japanese or Korean letters (written without
-spaces) become overlapping pairs of characters; an identifier joined by
-`.`, `-`, `_`, `/` or `:` ("v1.2.3", "2023-05-01") is a term as well as its
-parts.
-
-Keyword search ranks with the lexical plugin's index of the scope (the one
-requests use), so it finds what a request would, in any casing.
+`terms()` is what BM25 sees (the built-in "lexical" retrieval plugin, whose
+index also answers the keyword search of the CLI and admin API):
+case-folded words with the accents of Latin letters removed, without common
+stop words, lightly stemmed by `stem()`; runs of Chinese, Japanese or Korean
+letters (written without spaces) become overlapping pairs of characters; an
+identifier joined by `.`, `-`, `_`, `/` or `:` ("v1.2.3", "2023-05-01") is a
+term as well as its parts.
 """
 
 from __future__ import annotations
@@ -17,13 +14,6 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from typing import TYPE_CHECKING
-
-from .records import MessageRecord, Scope
-from .store import MemoryStore
-
-if TYPE_CHECKING:
-    from .builtins.lexical import LexicalRetrieval
 
 
 def _mark_class() -> str:
@@ -209,24 +199,3 @@ def stem(word: str) -> str:
     if word.endswith("e") and len(word) > 3:
         word = word[:-1]
     return word
-
-
-def keyword_search(
-    store: MemoryStore,
-    scope: Scope,
-    query: str,
-    limit: int,
-    lexical: LexicalRetrieval | None = None,
-) -> list[tuple[MessageRecord, float]]:
-    """The scope's messages ranked by BM25 for the query, best first, with the
-    index and tokenizer the request path uses (`lexical`'s index of the scope,
-    built now if need be; without a plugin, a one-off index)."""
-    from .builtins.lexical import LexicalRetrieval  # lexical imports this module
-
-    if lexical is None:
-        lexical = LexicalRetrieval()
-    ranked = lexical.ranked(scope, store, terms(query), limit)
-    if not ranked:
-        return []
-    found = {r.id: r for r in store.get(scope, [id_ for id_, _ in ranked])}
-    return [(found[id_], score) for id_, score in ranked if id_ in found]
