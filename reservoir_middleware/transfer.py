@@ -9,6 +9,7 @@ number and skipped; the good ones are imported.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -54,9 +55,12 @@ def parse_line(line: str) -> tuple[MessageRecord, list[float] | None]:
     embedding = data.pop("embedding", None)
     if embedding is not None and (
         not isinstance(embedding, list)
-        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding)
+        or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            for x in embedding
+        )
     ):
-        raise BadLine("'embedding' is not a list of numbers")
+        raise BadLine("'embedding' is not a list of finite numbers")
     try:
         return record_from_dict(data), embedding
     except BadRecord as exc:
@@ -109,10 +113,16 @@ async def import_lines(
             progress(len(batch))
         batch.clear()
 
+    dimensions: int | None = None
     for number, line in lines:
         report.read += 1
         try:
             record, vector = parse_line(line)
+            if vector is not None and record.embedding_model == reservoir.embedding_model:
+                if dimensions is None:  # what the model gives, asked once
+                    dimensions = len(await reservoir._embed_one("dimensions"))
+                if len(vector) != dimensions:
+                    raise BadLine(f"'embedding' has {len(vector)} numbers, not {dimensions}")
         except BadLine as exc:
             report.bad.append((number, str(exc)))
             continue

@@ -98,7 +98,7 @@ def record_from_dict(data: Any, scope: Scope | None = None) -> MessageRecord:
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             raise BadRecord(f"'{key}' has the wrong type")
     if data["role"] not in STORED_ROLES:
-        raise BadRecord(f"role {data['role']!r} is not stored (only {', '.join(STORED_ROLES)})")
+        raise BadRecord(f"unknown role {data['role']!r} (memory keeps {', '.join(STORED_ROLES)})")
     try:
         found = checked_scope(data["partition"], data["instance"])
     except InvalidName as exc:
