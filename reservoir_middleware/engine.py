@@ -898,7 +898,7 @@ def job_from_journal(data: Any) -> WriteJob:
     if trace_id is not None and not isinstance(trace_id, str):
         raise BadRecord("'trace_id' is not a string")
     if answer is not None:
-        answer = record_from_dict(answer, scope)
+        answer = record_from_dict(answer, scope, answer=True)
         if answer.role != "assistant":
             raise BadRecord(f"the answer's role is {answer.role!r}, not 'assistant'")
     return WriteJob(

@@ -67,8 +67,8 @@ class MessageRecord:
 
     def __post_init__(self) -> None:
         """Every record is made here, so every string is cleaned here (`clean_text`):
-        a lone surrogate from a request, an answer, a file or a plugin never reaches
-        the tokenizer, Chroma or a file."""
+        a lone surrogate from a request, an answer or a file (import, journal)
+        never reaches the tokenizer, Chroma or a file."""
         for name in _STRING_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str) and not value.isascii():
@@ -108,9 +108,7 @@ class MessageRecord:
         return message
 
 
-_STRING_FIELDS = tuple(
-    f.name for f in fields(MessageRecord) if f.name not in ("tool_calls", "seq", "choices")
-)
+_STRING_FIELDS = tuple(f.name for f in fields(MessageRecord) if f.name != "tool_calls")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

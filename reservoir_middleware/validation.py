@@ -79,10 +79,13 @@ def check_id(key: str, value: str) -> str:
     return value
 
 
-def record_from_dict(data: Any, scope: Scope | None = None) -> MessageRecord:
+def record_from_dict(
+    data: Any, scope: Scope | None = None, *, answer: bool = False
+) -> MessageRecord:
     """A stored message from its dict (an export line, a journal entry), checked:
     field types, a stored role, names, id, time; with `scope`, the record's
-    partition and instance must be the scope's. BadRecord says what is wrong."""
+    partition and instance must be the scope's. A journalled `answer` gets its
+    id when written, so it may have none yet. BadRecord says what is wrong."""
     if not isinstance(data, Mapping):
         raise BadRecord("a record is not a JSON object")
     unknown = set(data) - _FIELDS
@@ -105,7 +108,8 @@ def record_from_dict(data: Any, scope: Scope | None = None) -> MessageRecord:
         raise BadRecord(str(exc)) from exc
     if scope is not None and found != scope:
         raise BadRecord(f"the record's scope {found} is not the entry's {scope}")
-    check_id("id", data["id"])
+    if data["id"] or not answer:
+        check_id("id", data["id"])
     tool_calls = data.get("tool_calls")
     if tool_calls is not None and not all(isinstance(c, dict) for c in tool_calls):
         raise BadRecord("'tool_calls' is not a list of objects")

@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 
-from reservoir_middleware import Reservoir
+from reservoir_middleware import MessageRecord, Reservoir
+from reservoir_middleware.engine import exchange_data
+from reservoir_middleware.journal import Journal
+from reservoir_middleware.records import Scope, chained_id
+from reservoir_middleware.writes import WriteJob
 from tests.conftest import make_settings
 
 
@@ -72,6 +76,25 @@ def errors(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(
         r.getMessage() for r in caplog.records if r.name == "reservoir" and r.levelno >= 40
     )
+
+
+async def test_what_a_killed_gateway_journalled_is_replayed(tmp_path: Path) -> None:
+    """The journal's own entries pass the checks: a question, and its answer
+    journalled as `record_answer` does, before its id is known."""
+    scope = Scope("p", "i")
+    text = "I parked on level 3"
+    question = MessageRecord(
+        chained_id(scope, "user", text, None, None), "p", "i", "user", text, trace_id="t1"
+    )
+    answer = MessageRecord(
+        "", "p", "i", "assistant", "Level 3, noted.", trace_id="t1", source="response"
+    )
+    journal = Journal(tmp_path / "memory" / "journal")
+    journal.append(exchange_data(WriteJob(scope, [question], trace_id="t1"), [question], answer))
+    assert journal._current is not None
+    os.close(journal._current.fd)  # the process is gone: its flock with it
+    stored = await replayed(tmp_path / "memory")
+    assert stored == {("p", "i"): [("user", text), ("assistant", "Level 3, noted.")]}
 
 
 async def test_entries_that_a_request_could_not_make_are_skipped(
