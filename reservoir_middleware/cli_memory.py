@@ -71,7 +71,11 @@ def scopes_of(reservoir: Reservoir, partition: str | None, instance: str | None)
 
 
 def when(record: MessageRecord) -> str:
-    stamp = datetime.fromtimestamp(record.timestamp, tz=timezone.utc).astimezone()
+    """The record's local time; one stored before times were checked may have none."""
+    try:
+        stamp = datetime.fromtimestamp(record.timestamp, tz=timezone.utc).astimezone()
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"{'(no valid time)':<19}"
     return stamp.strftime("%Y-%m-%d %H:%M:%S")
 
 

@@ -47,12 +47,12 @@ from .records import (
 from .selection import Hit, build_units, fuse, neighbour_ids, recent_window
 from .settings import ReservoirSettings
 from .tokens import REPLY_PRIMING, ModelLimits, count_message, warm_up_encodings
+from .validation import STORED_ROLES, BadRecord, checked_name, checked_scope, record_from_dict
 from .writes import WriteJob, WriteLane, lock_stripe, pending_futures
 
 logger = logging.getLogger("reservoir")
 CHILD_EMBED_MAX = 64  # texts per write embedded in the Chroma child; more (imports) here
 
-STORED_ROLES = ("user", "assistant", "tool")
 BACKPRESSURE_WAIT_S = 2.0
 SETTLE_POLL_S = 0.05  # the longest a request waits for a writer that fell behind
 
@@ -167,8 +167,8 @@ class Reservoir:
         model: str | None = None,
     ) -> list[str]:
         """Store messages of one scope now; returns the ids newly written."""
-        scope = Scope(partition, instance)
-        trace = trace_id or uuid.uuid4().hex
+        scope = checked_scope(partition, instance)
+        trace = clean_text(str(trace_id)) if trace_id else uuid.uuid4().hex
         records = self._records(scope, messages, trace, model, source)
         await self.settle(scope, timeout=30)  # after what the scope has queued
         job = WriteJob(scope, records, trace_id=trace)
@@ -195,7 +195,7 @@ class Reservoir:
         if not self._warm:
             await self._warm_up_engine()
         await self._lane().wait_for_room(BACKPRESSURE_WAIT_S)
-        return await self._enrich(Scope(partition, instance), body, store)
+        return await self._enrich(checked_scope(partition, instance), body, store)
 
     async def _enrich(
         self, scope: Scope, body: Mapping[str, Any], store: bool | Literal["with_answer"]
@@ -211,7 +211,7 @@ class Reservoir:
             result.too_long = TooLong(last_tokens, limit)
             return result
         records = self._records(scope, messages, trace_id, model, "request")
-        query_text = last_user_text(messages)
+        query_text = clean_text(last_user_text(messages))  # as the records are
         query = self._query(scope, new_body, records, query_text)
         # BM25 needs no embedding: it scores while the query is embedded
         lexical = self.plugin_manager.get_plugin("lexical")
@@ -324,7 +324,8 @@ class Reservoir:
         self, partition: str, instance: str, query: str, *, limit: int = 10, semantic: bool = True
     ) -> list[SearchHit]:
         """Semantic (cosine) or keyword (BM25-ranked) search in one scope."""
-        scope = Scope(partition, instance)
+        scope = checked_scope(partition, instance)
+        query = clean_text(query)
         if semantic:
             vector = await self._embed_one(query)
             hits = await anyio.to_thread.run_sync(self.store.query, scope, vector, limit)
@@ -341,14 +342,16 @@ class Reservoir:
         self, partition: str, instance: str, *, limit: int = 15
     ) -> list[MessageRecord]:
         """The last `limit` messages of a scope, oldest first."""
-        await self.settle(Scope(partition, instance))
-        return await anyio.to_thread.run_sync(self.store.recent, Scope(partition, instance), limit)
+        scope = checked_scope(partition, instance)
+        await self.settle(scope)
+        return await anyio.to_thread.run_sync(self.store.recent, scope, limit)
 
     async def delete(self, partition: str, instance: str | None = None) -> int:
         """Forget one scope, or every instance of a partition; returns how many."""
         if instance is not None:
-            scopes = [Scope(partition, instance)]
+            scopes = [checked_scope(partition, instance)]
         else:
+            checked_name("partition", partition)
             scopes = await anyio.to_thread.run_sync(self.store.scopes, partition)
         for scope in scopes:
             await self.settle(scope)
@@ -408,7 +411,7 @@ class Reservoir:
         """Load a scope's in-memory copies now (embedded mode: its messages by id;
         the BM25 index) instead of in the background of its first requests,
         e.g. at start-up for the busiest scopes; about 25 s per 100k messages."""
-        scope = Scope(partition, instance)
+        scope = checked_scope(partition, instance)
         lexical = self.plugin_manager.get_plugin("lexical")
 
         def load() -> None:
@@ -714,8 +717,8 @@ class Reservoir:
             for entry in entries:
                 try:
                     job = job_from_journal(entry.data)
-                except (KeyError, TypeError, ValueError) as exc:
-                    logger.error("memory journal %s: bad entry skipped: %r", path, exc)
+                except (KeyError, TypeError, ValueError) as exc:  # BadRecord, mostly
+                    logger.error("memory journal %s: bad entry skipped: %s", path, exc)
                     self.journal.done(entry)
                     continue
                 job.entry = entry
@@ -873,15 +876,36 @@ def exchange_data(
     }
 
 
-def job_from_journal(data: Mapping[str, Any]) -> WriteJob:
-    """A journalled exchange, to write again (it may be stored already)."""
-    partition, instance = data["scope"]
-    answer = data.get("answer")
+def job_from_journal(data: Any) -> WriteJob:
+    """A journalled exchange, to write again (it may be stored already).
+
+    Checked as a request is (a journal file could be planted): the scope's names,
+    each record's fields and role, and that every record is of the entry's scope;
+    the answer is an assistant message. BadRecord says what is wrong.
+    """
+    if not isinstance(data, Mapping):
+        raise BadRecord("the entry is not a JSON object")
+    names, records, answer = data.get("scope"), data.get("records"), data.get("answer")
+    if not isinstance(names, list) or len(names) != 2:
+        raise BadRecord("'scope' is not a [partition, instance] pair")
+    try:
+        scope = checked_scope(*names)
+    except ValueError as exc:
+        raise BadRecord(str(exc)) from exc
+    if not isinstance(records, list):
+        raise BadRecord("'records' is not a list")
+    trace_id = data.get("trace_id")
+    if trace_id is not None and not isinstance(trace_id, str):
+        raise BadRecord("'trace_id' is not a string")
+    if answer is not None:
+        answer = record_from_dict(answer, scope, answer=True)
+        if answer.role != "assistant":
+            raise BadRecord(f"the answer's role is {answer.role!r}, not 'assistant'")
     return WriteJob(
-        Scope(str(partition), str(instance)),
-        [MessageRecord(**r) for r in data["records"]],
-        answer=MessageRecord(**answer) if answer else None,
-        trace_id=data.get("trace_id"),
+        scope,
+        [record_from_dict(r, scope) for r in records],
+        answer=answer,
+        trace_id=clean_text(trace_id) if trace_id else None,
         verify=True,
     )
 
@@ -932,6 +956,7 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
 
 _TOKEN_MEMO: dict[tuple[Any, ...], int] = {}
 TOKEN_MEMO_MAX = 100_000  # plain messages whose count is kept (then it starts again)
+_PLAIN_KEYS = frozenset({"role", "content", "name"})
 
 
 def memoised_counter(model: str | None) -> Callable[[dict[str, Any]], int]:
@@ -940,10 +965,12 @@ def memoised_counter(model: str | None) -> Callable[[dict[str, Any]], int]:
     back and however often truncation and the report ask (0.5 ms a request)."""
 
     def count(message: dict[str, Any]) -> int:
-        content = message.get("content")
-        if not isinstance(content, str) or not message.keys() <= {"role", "content", "name"}:
+        content, role, name = message.get("content"), message.get("role"), message.get("name")
+        # only str keys: a `name` (or role) that is an object would make the key unhashable
+        plain = isinstance(role, str) and (name is None or isinstance(name, str))
+        if not plain or not isinstance(content, str) or not message.keys() <= _PLAIN_KEYS:
             return count_message(message, model)
-        key = (model, message.get("role"), content, message.get("name"))
+        key = (model, role, content, name)
         tokens = _TOKEN_MEMO.get(key)
         if tokens is None:
             if len(_TOKEN_MEMO) >= TOKEN_MEMO_MAX:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -134,7 +135,10 @@ class Journal:
         """Files of processes that are gone, each with its entries not marked done.
 
         A file is yielded locked by this process; its entries carry it, so
-        `done` removes the file once all of them are stored.
+        `done` removes the file once all of them are stored. Only regular files
+        of this user that no one else may read or write are read (any other one
+        was not written by a journal of ours): the others are renamed aside
+        (`<name>.rejected`) and logged, never replayed.
         """
         if not self.directory.is_dir():
             return
@@ -142,9 +146,18 @@ class Journal:
         for path in sorted(self.directory.glob("*.jsonl")):
             if path == own:
                 continue
+            flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
             try:
-                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-            except OSError:
+                fd = os.open(path, flags)
+            except FileNotFoundError:  # replayed by another process meanwhile
+                continue
+            except OSError as exc:  # a symlink (ELOOP), another user's file (EACCES), ...
+                _reject(path, f"cannot be opened as a file of ours: {exc.strerror}")
+                continue
+            problem = _untrusted(os.fstat(fd))
+            if problem:
+                os.close(fd)
+                _reject(path, problem)
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -152,7 +165,7 @@ class Journal:
                 os.close(fd)
                 continue
             file = _JournalFile(path, fd)
-            entries = _read_entries(path)
+            entries = _read_entries(path, fd)
             if not entries:
                 file.close(remove=True)
                 continue
@@ -168,11 +181,44 @@ def _line(payload: dict[str, Any]) -> bytes:
     )
 
 
-def _read_entries(path: Path) -> list[JournalEntry]:
-    """Entries without a `done` line, in order; a torn last line is skipped."""
+def _untrusted(info: os.stat_result) -> str | None:
+    """Why a journal file cannot be ours (its `stat`), or None."""
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_uid != os.geteuid():
+        return f"is owned by uid {info.st_uid}, not by this user ({os.geteuid()})"
+    if info.st_mode & 0o077:
+        return f"has mode {stat.S_IMODE(info.st_mode):04o}, not 0600"
+    return None
+
+
+def _reject(path: Path, problem: str) -> None:
+    """Move a journal file that is not replayed out of the way, and say so."""
+    aside = path.with_name(f"{path.name}.rejected")
+    if os.path.lexists(aside):
+        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.rejected")
+    try:
+        os.rename(path, aside)  # a symlink itself, not what it points to
+    except OSError as exc:
+        logger.error("memory journal %s %s; not replayed (cannot move it: %s)", path, problem, exc)
+        return
+    logger.error("memory journal %s %s; not replayed, moved to %s", path, problem, aside.name)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_entries(path: Path, fd: int) -> list[JournalEntry]:
+    """Entries without a `done` line, in order; a torn last line is skipped.
+    Read from `fd`, the file checked and locked, not again by its name."""
     entries: dict[str, JournalEntry] = {}
     try:
-        raw = path.read_bytes()
+        raw = _read_all(fd)
     except OSError as exc:
         logger.error("cannot read memory journal %s: %s", path, exc)
         return []

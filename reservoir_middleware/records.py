@@ -13,7 +13,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -29,6 +29,10 @@ class Scope:
 
     @property
     def key(self) -> str:
+        # Kept as it is: chained ids, Chroma collection names and index files hash it,
+        # so another shape would orphan stored memory. It names one scope only because
+        # every entry point refuses control characters, NUL included, in names
+        # (`validation.checked_scope`).
         return f"{self.partition}\x00{self.instance}"
 
     def __str__(self) -> str:
@@ -60,6 +64,17 @@ class MessageRecord:
     after_id: str | None = None  # the next one, when written in the same batch (its answer)
     synapse_prev: str | None = None  # before_id, when the two are similar enough to link
     choices: int | None = None
+
+    def __post_init__(self) -> None:
+        """Every record is made here, so every string is cleaned here (`clean_text`):
+        a lone surrogate from a request, an answer or a file (import, journal)
+        never reaches the tokenizer, Chroma or a file."""
+        for name in _STRING_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and not value.isascii():
+                setattr(self, name, clean_text(value))
+        if self.tool_calls is not None:
+            self.tool_calls = clean_value(self.tool_calls)
 
     @property
     def scope(self) -> Scope:
@@ -93,6 +108,7 @@ class MessageRecord:
         return message
 
 
+_STRING_FIELDS = tuple(f.name for f in fields(MessageRecord) if f.name != "tool_calls")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

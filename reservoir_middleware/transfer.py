@@ -9,8 +9,9 @@ number and skipped; the good ones are imported.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import anyio.to_thread
@@ -18,27 +19,8 @@ import anyio.to_thread
 from .engine import Reservoir
 from .maintenance import import_records, pages
 from .records import MessageRecord, Scope
+from .validation import BadRecord, record_from_dict
 
-REQUIRED = {"id": str, "partition": str, "instance": str, "role": str, "text": str}
-ROLES = {"user", "assistant", "tool", "system", "developer"}
-OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,),
-    "tool_calls": (list,),
-    "tool_call_id": (str,),
-    "trace_id": (str,),
-    "seq": (int,),
-    "timestamp": (int, float),
-    "model": (str,),
-    "embedding_model": (str,),
-    "finish_reason": (str,),
-    "complete": (bool,),
-    "source": (str,),
-    "prev_id": (str,),
-    "before_id": (str,),
-    "after_id": (str,),
-    "synapse_prev": (str,),
-    "choices": (int,),
-}
 BATCH = 256
 
 
@@ -62,35 +44,27 @@ def record_line(record: MessageRecord, embedding: list[float] | None) -> str:
 
 
 def parse_line(line: str) -> tuple[MessageRecord, list[float] | None]:
-    """One exported line back to a record; BadLine says what is wrong."""
+    """One exported line back to a record, checked as every stored record is
+    (`record_from_dict`); BadLine says what is wrong."""
     try:
         data = json.loads(line)
     except json.JSONDecodeError as exc:
         raise BadLine(f"not JSON ({exc.msg})") from exc
     if not isinstance(data, dict):
         raise BadLine("not a JSON object")
-    for key, kind in REQUIRED.items():
-        if not isinstance(data.get(key), kind):
-            raise BadLine(f"'{key}' is missing or not a {kind.__name__}")
-    if data["role"] not in ROLES:
-        raise BadLine(f"unknown role {data['role']!r}")
-    for key, kinds in OPTIONAL_TYPES.items():
-        value = data.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise BadLine(f"'{key}' has the wrong type")
     embedding = data.pop("embedding", None)
     if embedding is not None and (
         not isinstance(embedding, list)
-        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in embedding)
+        or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            for x in embedding
+        )
     ):
-        raise BadLine("'embedding' is not a list of numbers")
-    known = {f.name for f in fields(MessageRecord)}
-    unknown = set(data) - known
-    if unknown:
-        raise BadLine(f"unknown field(s): {', '.join(sorted(unknown))}")
-    return MessageRecord(**data), embedding
+        raise BadLine("'embedding' is not a list of finite numbers")
+    try:
+        return record_from_dict(data), embedding
+    except BadRecord as exc:
+        raise BadLine(str(exc)) from exc
 
 
 async def export_lines(
@@ -119,25 +93,43 @@ async def import_lines(
     reservoir: Reservoir, lines: Iterable[tuple[int, str]], *, progress: Any = None
 ) -> ImportReport:
     report = ImportReport()
-    batch: list[tuple[MessageRecord, list[float] | None]] = []
+    batch: list[tuple[int, MessageRecord, list[float] | None]] = []
 
-    async def flush() -> None:
-        written, existing = await import_records(reservoir, batch)
+    async def store(items: list[tuple[int, MessageRecord, list[float] | None]]) -> None:
+        written, existing = await import_records(reservoir, [(r, v) for _, r, v in items])
         report.imported += written
         report.existing += existing
+
+    async def flush() -> None:
+        try:
+            await store(batch)
+        except Exception:  # the store refused one: the lines one by one, to name it
+            for item in batch:
+                try:
+                    await store([item])
+                except Exception as exc:
+                    report.bad.append((item[0], f"not stored: {exc}"))
         if progress is not None:
             progress(len(batch))
         batch.clear()
 
+    dimensions: int | None = None
     for number, line in lines:
         report.read += 1
         try:
-            batch.append(parse_line(line))
+            record, vector = parse_line(line)
+            if vector is not None and record.embedding_model == reservoir.embedding_model:
+                if dimensions is None:  # what the model gives, asked once
+                    dimensions = len(await reservoir._embed_one("dimensions"))
+                if len(vector) != dimensions:
+                    raise BadLine(f"'embedding' has {len(vector)} numbers, not {dimensions}")
         except BadLine as exc:
             report.bad.append((number, str(exc)))
             continue
+        batch.append((number, record, vector))
         if len(batch) >= BATCH:
             await flush()
     if batch:
         await flush()
+    report.bad.sort()
     return report
