@@ -10,6 +10,12 @@ counted in ``Answer.choices``. Compressed bodies are inflated incrementally for
 ``gzip``/``x-gzip``/``deflate``; ``br``, ``zstd`` and unknown codings cannot be
 recorded (``make_assembler`` returns ``None``), as the standard library has no
 decoder for them.
+
+What goes past a cap (the answer's characters, its number of tool calls, one
+event's bytes, the JSON body's bytes) is not kept: the start is, completed as
+JSON where it was cut (`partialjson`), and the answer is marked `capped`. A
+stream that ends before its end (no `[DONE]` nor `finish_reason`, inside an
+event, inside a tool call's arguments) is marked `cut`.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sse import DEFAULT_MAX_EVENT_BYTES, SSEEvent, SSEReader
+from .partialjson import loads_prefix, utf8_prefix
+from .sse import SSEEvent, SSEReader
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "MAX_ANSWER_CHARS",
+    "MAX_EVENT_BYTES",
+    "MAX_TOOL_CALLS",
     "Answer",
     "Assembler",
     "JsonAssembler",
@@ -37,6 +46,11 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 # and tool-call arguments together); the rest is still forwarded to the client,
 # and memory stores what fits, marked incomplete (`Answer.capped`).
 MAX_ANSWER_CHARS = 4 * 1024 * 1024
+# One SSE event may hold a whole capped answer and the JSON around it; past
+# this its start is kept (the answer is then capped).
+MAX_EVENT_BYTES = MAX_ANSWER_CHARS + 64 * 1024
+# Tool calls of one answer; those past it are not kept (the answer is capped).
+MAX_TOOL_CALLS = 1024
 _INFLATE_STEP = 256 * 1024  # bounds what one compressed chunk may expand to at once
 _ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 
@@ -56,8 +70,14 @@ class Answer:
     choices: int = 0
     error: dict[str, Any] | str | None = None
     done: bool = False  # saw `data: [DONE]`; for a JSON body: it parsed
-    overflowed: bool = False  # an event or the body exceeded its cap and was dropped
-    capped: bool = False  # a streamed answer over MAX_ANSWER_CHARS: only its start is here
+    overflowed: bool = False  # an event or the body exceeded its byte cap: only its start is read
+    capped: bool = False  # over a cap (characters, tool calls, bytes): only its start is here
+    cut: bool = False  # the stream ended early: no [DONE] nor finish_reason, mid-event, mid-call
+
+    @property
+    def incomplete(self) -> bool:
+        """Stored with `complete=false`: what is here is only the answer's start."""
+        return self.capped or self.cut
 
     @property
     def is_empty(self) -> bool:
@@ -238,7 +258,7 @@ class StreamAssembler(Assembler):
         self,
         content_encoding: str | None = None,
         *,
-        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         super().__init__(content_encoding)
         self._reader = SSEReader(max_event_bytes)
@@ -255,6 +275,7 @@ class StreamAssembler(Assembler):
         self._done = False
         self._room = MAX_ANSWER_CHARS  # characters the assembled answer may still take
         self._capped = False
+        self._cut = False
 
     def _take(self, text: str) -> str:
         """What of `text` fits under the answer's cap (the rest is not kept)."""
@@ -268,7 +289,13 @@ class StreamAssembler(Assembler):
         for event in self._reader.feed(chunk):
             self._event(event)
 
-    def _event(self, event: SSEEvent) -> None:
+    def _event(self, event: SSEEvent, last: bool = False) -> None:
+        """One event; `last`: the stream ended inside it (its line had no end)."""
+        self._read(event, last)
+        if event.truncated:  # only its start was read: nothing after it is kept
+            self._room, self._capped = 0, True
+
+    def _read(self, event: SSEEvent, last: bool) -> None:
         data = event.data
         if event.event == "error":
             try:
@@ -283,7 +310,10 @@ class StreamAssembler(Assembler):
         try:
             obj = json.loads(data)
         except (ValueError, RecursionError):
-            return  # not JSON: ignored, a stream may carry other events
+            if not (event.truncated or last):
+                return  # not JSON: ignored, a stream may carry other events
+            obj = loads_prefix(data)  # cut: its start, as far as it goes
+            self._cut = self._cut or last
         if not isinstance(obj, dict):
             return
         error = obj.get("error")
@@ -333,21 +363,29 @@ class StreamAssembler(Assembler):
             for call in calls:
                 if isinstance(call, dict):
                     tool = self._tool(call.get("index"), call.get("id"))
-                    self._capped_merge(tool, tool.merge, call)
+                    if tool is not None:
+                        self._capped_merge(tool, tool.merge, call)
         function_call = delta.get("function_call")
         if isinstance(function_call, dict):
             tool = self._tool(0, None)
-            self._capped_merge(tool, tool.merge_function, function_call)
+            if tool is not None:
+                self._capped_merge(tool, tool.merge_function, function_call)
 
     def _capped_merge(
         self, tool: _ToolCall, merge: Callable[[dict[str, Any]], None], piece: dict[str, Any]
     ) -> None:
-        before = len(tool.args)
+        before, had_id, had_name = len(tool.args), bool(tool.id), bool(tool.name)
         merge(piece)
-        if len(tool.args) > before:  # the arguments count against the cap too
+        # the id, the name and the arguments count against the cap too
+        if tool.id and not had_id:
+            tool.id = self._take(tool.id)
+        if tool.name and not had_name:
+            tool.name = self._take(tool.name)
+        if len(tool.args) > before:
             tool.args[-1] = self._take(tool.args[-1])
 
-    def _tool(self, index: object, call_id: object) -> _ToolCall:
+    def _tool(self, index: object, call_id: object) -> _ToolCall | None:
+        """The call a piece belongs to; None when a new one would go past a cap."""
         if not isinstance(index, int):  # no index: match by id, else a new or the last call
             known = [k for k, v in self._tools.items() if call_id and v.id == call_id]
             if known:
@@ -358,12 +396,30 @@ class StreamAssembler(Assembler):
                 index = max(self._tools)
         call = self._tools.get(index)
         if call is None:
+            if len(self._tools) >= MAX_TOOL_CALLS or self._room <= 0:
+                self._capped = True
+                return None
             call = self._tools[index] = _ToolCall()
         return call
 
+    def _ended_early(self) -> bool:
+        """No [DONE] nor finish_reason, or a tool call's arguments not whole JSON."""
+        if not self._done and self._finish_reason is None:
+            return True
+        if self._capped:
+            return False  # its own arguments may be cut by the cap
+        for call in self._tools.values():
+            args = "".join(call.args)
+            if args.strip():
+                try:
+                    json.loads(args)
+                except (ValueError, RecursionError):
+                    return True
+        return False
+
     def _build(self) -> Answer:
         for event in self._reader.close():
-            self._event(event)
+            self._event(event, last=self._reader.ended_mid_line)
         return Answer(
             content="".join(self._content),
             refusal=None if self._refusal is None else "".join(self._refusal),
@@ -378,6 +434,7 @@ class StreamAssembler(Assembler):
             done=self._done,
             overflowed=self._reader.overflowed,
             capped=self._capped,
+            cut=self._cut or self._ended_early(),
         )
 
 
@@ -399,25 +456,32 @@ class JsonAssembler(Assembler):
     def _consume(self, chunk: bytes) -> None:
         if self.overflowed or not chunk:
             return
+        room = self._max - self._size
+        if len(chunk) > room:  # keep the start; the answer is read from it, capped
+            self.overflowed = True
+            chunk = chunk[:room]
         self._size += len(chunk)
-        if self._size > self._max:
-            self.overflowed = True  # stop buffering; the answer will not be recorded
-            self._parts.clear()
-            return
         self._parts.append(bytes(chunk))
 
     def _wants_more(self) -> bool:
         return not self.overflowed
 
     def _build(self) -> Answer:
-        if self.overflowed:
-            return Answer(error="body too large", overflowed=True)
+        if self.overflowed:  # what the start holds, marked capped; no error: the question stays
+            obj = loads_prefix(utf8_prefix(b"".join(self._parts)).removeprefix("\ufeff"))
+            answer = self._answer_of(obj) if isinstance(obj, dict) else Answer()
+            answer.done, answer.overflowed, answer.capped = False, True, True
+            return answer
         try:
             obj = json.loads(b"".join(self._parts))
         except (ValueError, RecursionError):
             return Answer(error="invalid json")
         if not isinstance(obj, dict):
             return Answer(error="invalid json")
+        return self._answer_of(obj)
+
+    @staticmethod
+    def _answer_of(obj: dict[str, Any]) -> Answer:
         answer = Answer(model=_str(obj.get("model")), response_id=_str(obj.get("id")), done=True)
         usage = obj.get("usage")
         answer.usage = usage if isinstance(usage, dict) else None
@@ -443,6 +507,9 @@ class JsonAssembler(Assembler):
         calls: list[_ToolCall] = []
         raw_calls = message.get("tool_calls")
         for raw in raw_calls if isinstance(raw_calls, list) else ():
+            if len(calls) >= MAX_TOOL_CALLS:
+                answer.capped = True
+                break
             if isinstance(raw, dict):
                 calls.append(_ToolCall())
                 calls[-1].merge(raw)

@@ -206,10 +206,12 @@ class Reservoir:
         trace_id = uuid.uuid4().hex
         result = Enrichment(scope, new_body, trace_id, failures=list(rewrite.failures))
         limit = self.limits.input_limit(model, new_body)
-        last_tokens = await self._count(messages[-1], model)
-        if last_tokens > limit:
-            result.too_long = TooLong(last_tokens, limit)
-            return result
+        refuse_over = self.limits.refusal_limit(model, new_body)  # None: never refused
+        if refuse_over is not None:
+            last_tokens = await self._count(messages[-1], model)
+            if last_tokens > refuse_over:
+                result.too_long = TooLong(last_tokens, refuse_over)
+                return result
         records = self._records(scope, messages, trace_id, model, "request")
         query_text = clean_text(last_user_text(messages))  # as the records are
         query = self._query(scope, new_body, records, query_text)

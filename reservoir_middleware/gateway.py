@@ -182,11 +182,7 @@ class Gateway:
         passed = {k: v for k, v in response.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
         content_type = response.headers.get("content-type", "")
         if selected is not None and "json" in content_type and response.status_code < 400:
-            data = json.loads(await response.aread())
-            await response.aclose()
-            if isinstance(data, dict):
-                data["model"] = selected
-            return JSONResponse(data, status_code=response.status_code, headers=passed)
+            return await _relabel_json(provider, response, selected, passed)
         chunks = stream_body(response)
         if selected is not None and "event-stream" in content_type:
             chunks = relabel_stream(chunks, selected)
@@ -198,8 +194,33 @@ class Gateway:
         )
 
 
+async def _relabel_json(
+    provider: Provider, response: httpx.Response, selected: str, headers: dict[str, str]
+) -> Response:
+    """A JSON answer under `auto`, with `model` set to the choice; a body that
+    cannot be read or is not JSON is the provider's fault: a 502 (504), never a 500."""
+    status = response.status_code
+    try:
+        raw = await response.aread()
+    except httpx.TimeoutException:
+        return error(504, "backend_timeout", f"{provider.name} did not finish its answer in time")
+    except httpx.HTTPError as exc:
+        return error(502, "backend_unreachable", f"{provider.name} broke off its answer: {exc}")
+    finally:
+        await response.aclose()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        what = "an empty body" if not raw.strip() else "a body that is not JSON"
+        return error(502, "backend_error", f"{provider.name} answered {status} with {what}")
+    if isinstance(data, dict):
+        data["model"] = selected
+    return JSONResponse(data, status_code=status, headers=headers)
+
+
 async def stream_body(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The upstream body as it arrives; a broken upstream stream ends with an error event."""
+    """The upstream body as it arrives; a broken upstream stream ends with an error event.
+    The upstream response is closed however the stream ends (a client gone included)."""
     try:
         async for chunk in response.aiter_bytes():
             yield chunk
@@ -207,6 +228,8 @@ async def stream_body(response: httpx.Response) -> AsyncIterator[bytes]:
         if "event-stream" in response.headers.get("content-type", ""):
             event = {"error": {"type": "backend_unreachable", "message": f"stream broken: {exc}"}}
             yield b"data: " + json.dumps(event).encode() + b"\n\n"
+    finally:
+        await response.aclose()
 
 
 async def relabel_stream(chunks: AsyncIterator[bytes], model: str) -> AsyncIterator[bytes]:

@@ -317,11 +317,11 @@ class ChatExchange:
             if failed or (answer is not None and answer.error is not None):
                 self.reservoir.discard(enrichment)
                 return
-            if answer is not None and (answer.is_empty or answer.overflowed):
+            if answer is not None and answer.is_empty:
                 answer = None
-            # an answer over the assembly cap is stored as far as it goes, as incomplete
-            capped = answer is not None and answer.capped
-            complete = complete and not self.disconnected and not capped
+            # an answer over a cap, or cut short, is stored as far as it goes, as incomplete
+            partial = answer is not None and answer.incomplete
+            complete = complete and not self.disconnected and not partial
             self.reservoir.record_answer(enrichment, answer, complete=complete)
         except Exception as exc:
             log_failure("recording the answer failed", exc)

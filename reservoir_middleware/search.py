@@ -29,10 +29,13 @@ def _mark_class() -> str:
     return "".join(f"{chr(a)}-{chr(b)}" if a != b else chr(a) for a, b in ranges)
 
 
-LETTERS = f"(?:[^\\W_]|[{_mark_class()}])+"
+_MARKS = f"[{_mark_class()}]"
+# possessive: a run of letters is never given back, so no text makes these slow
+LETTERS = f"(?:[^\\W_]|{_MARKS})++"
 WORD = re.compile(f"{LETTERS}(?:['\u2019]{LETTERS})?")
-# a run of words joined by . - _ / : with no space ("v1.2.3", "my_var", "a/b")
-COMPOUND = re.compile(f"{LETTERS}(?:[.\\-_/:]{LETTERS})+")
+# a run of words joined by . - _ / : with no space ("v1.2.3", "my_var", "a/b"); it
+# starts where a run of letters does (a long word without a joiner is one attempt)
+COMPOUND = re.compile(f"(?<![^\\W_])(?<!{_MARKS}){LETTERS}(?:[.\\-_/:]{LETTERS})+")
 # letters of scripts written without spaces between words: Han, kana, Hangul
 CJK = re.compile(
     "[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"

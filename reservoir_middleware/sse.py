@@ -8,8 +8,10 @@ recording rather than for a browser:
 * ``close()`` dispatches a final event that was not followed by a blank line
   (the spec discards it), because gateways often end a stream without one.
 * One pending line plus the ``data`` buffered for one event is capped; an event
-  over the cap is dropped (``overflowed`` is set) and parsing resumes after the
-  next blank line, so one huge line cannot hold unbounded memory.
+  over the cap is cut there: what fits is dispatched at once, marked
+  ``truncated`` (``overflowed`` is set), and the rest of the event is skipped
+  up to the next blank line, so one huge line cannot hold unbounded memory.
+  Any other line over the cap is skipped on its own.
 
 Lines are split on bytes (CR and LF never occur inside a UTF-8 sequence), and
 each line is decoded on its own with ``errors="replace"``; that gives the same
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .partialjson import utf8_prefix
+
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "SSEEvent", "SSEReader"]
 
 DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
@@ -33,11 +37,13 @@ _LF = 10
 
 @dataclass(frozen=True, slots=True)
 class SSEEvent:
-    """One dispatched event; ``id`` is the last event id seen so far (spec)."""
+    """One dispatched event; ``id`` is the last event id seen so far (spec);
+    ``truncated``: its data is only the start, cut at the size cap."""
 
     event: str
     data: str
     id: str | None = None
+    truncated: bool = False
 
 
 def _text(raw: bytes) -> str:
@@ -47,7 +53,8 @@ def _text(raw: bytes) -> str:
 class SSEReader:
     """Feed bytes in any chunking, get the events completed by each chunk.
 
-    ``overflowed`` tells that at least one event was dropped for the size cap;
+    ``overflowed`` tells that at least one event was cut (or a line skipped)
+    for the size cap; ``ended_mid_line`` that the stream ended inside a line;
     ``retry`` holds the last valid ``retry:`` value, ``last_event_id`` the id
     carried by the next event.
     """
@@ -57,12 +64,14 @@ class SSEReader:
         "_data",
         "_data_len",
         "_discard",
+        "_drop_line",
         "_event",
         "_head",
         "_max",
         "_pending",
         "_pending_len",
         "_skip_lf",
+        "ended_mid_line",
         "last_event_id",
         "overflowed",
         "retry",
@@ -71,6 +80,7 @@ class SSEReader:
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self._max = max(1, int(max_event_bytes))
         self.overflowed = False
+        self.ended_mid_line = False
         self.retry: int | None = None
         self.last_event_id: str | None = None
         # Unterminated line: its parts (not kept while discarding) and length.
@@ -81,8 +91,10 @@ class SSEReader:
         self._event = ""
         # The last chunk ended in CR: an LF starting the next one belongs to it.
         self._skip_lf = False
-        # After an overflow: ignore lines until the next blank line.
+        # After an event was cut: ignore lines until the next blank line.
         self._discard = False
+        # The pending line is over the cap: drop the rest of it.
+        self._drop_line = False
         # Start of stream, until we know whether it begins with a BOM.
         self._head: bytes | None = b""
         self._closed = False
@@ -123,21 +135,24 @@ class SSEReader:
         out: list[SSEEvent] = []
         if lines:
             if self._pending_len:
-                if self._discard:
+                if self._discard or self._drop_line:
                     del lines[0]  # the rest of a line already dropped
                 else:
                     self._pending.append(lines[0])
                     lines[0] = b"".join(self._pending)
                     self._pending.clear()
                 self._pending_len = 0
+                self._drop_line = False
             for line in lines:
                 self._line(line, out)
         if tail:
-            if not self._discard:
-                if self._pending_len + len(tail) + self._data_len > self._max:
-                    self._overflow()
-                else:
-                    self._pending.append(tail)
+            if not (self._discard or self._drop_line):
+                self._pending.append(tail)
+                size = self._pending_len + len(tail)
+                # over the cap, once its field name is known (a data line is cut, not skipped)
+                if size + self._data_len > self._max and size >= len(b"data:"):
+                    self._overflow(b"".join(self._pending), out)
+                    self._drop_line = True
             self._pending_len += len(tail)
         return out
 
@@ -149,7 +164,8 @@ class SSEReader:
         if self._head:
             self._line(self._head, out)  # a lone partial BOM: just bytes
         self._head = None
-        if self._pending_len and not self._discard:
+        if self._pending_len and not (self._discard or self._drop_line):
+            self.ended_mid_line = True
             self._line(b"".join(self._pending), out)
         if not self._discard:
             self._dispatch(out)
@@ -160,14 +176,23 @@ class SSEReader:
         self._data_len = 0
         return out
 
-    def _overflow(self) -> None:
+    def _overflow(self, line: bytes, out: list[SSEEvent]) -> None:
+        """A line (or the start of one) that takes the event over the cap: a data
+        line is cut there and its event dispatched, marked truncated, the rest of
+        the event skipped; any other line is skipped alone."""
         self.overflowed = True
-        self._discard = True
         self._pending.clear()
-        self._pending_len = 0
+        if not line.startswith(b"data:"):
+            return
+        head = 6 if line[5:6] == b" " else 5
+        room = max(0, self._max - self._data_len - head)
+        self._data.append(utf8_prefix(line[head : head + room]))
+        event = SSEEvent(self._event or "message", "\n".join(self._data), self.last_event_id, True)
+        out.append(event)
         self._data.clear()
         self._data_len = 0
         self._event = ""
+        self._discard = True
 
     def _dispatch(self, out: list[SSEEvent]) -> None:
         if self._data:
@@ -188,7 +213,7 @@ class SSEReader:
             self._dispatch(out)
             return
         if len(line) + self._data_len > self._max:
-            self._overflow()
+            self._overflow(line, out)
             return
         if line.startswith(b"data:"):  # the common case first
             value = line[6:] if line[5:6] == b" " else line[5:]

@@ -250,31 +250,54 @@ class ModelLimits:
         self.default_window = default_window
         self.default_output_reserve = default_output_reserve
 
-    def context_window(self, model: str | None) -> int:
-        """Overrides, then the built-in table, then LiteLLM, then the default."""
+    def known_window(self, model: str | None) -> int | None:
+        """Overrides, then the built-in table, then LiteLLM; None when the model is unknown."""
         if not model:
-            return self.default_window
+            return None
         names = tuple(dict.fromkeys((model.strip().lower(), _base_name(model))))
         found = _lookup(self.overrides, names, star=True)
         if found is None:
             found = _lookup(CONTEXT_WINDOWS, (names[-1],), star=False)
         if found is None:
             found = _litellm_window(model)
+        return found
+
+    def context_window(self, model: str | None) -> int:
+        """The known window, else the default (what memory is trimmed to)."""
+        found = self.known_window(model)
         return self.default_window if found is None else found
 
+    def default_reserve(self, window: int) -> int:
+        return min(self.default_output_reserve, window // 4)
+
     def output_reserve(self, body: Mapping[str, Any], model: str | None = None) -> int:
-        """The client's own output cap if it set one, else a quarter-window-capped default."""
+        """The client's own output cap if it set one, at most half the window (a
+        larger one is the provider's to judge, not a reason to drop the prompt);
+        else the default, at most a quarter of the window."""
+        model = model if model is not None else body.get("model")
+        window = self.context_window(model if isinstance(model, str) else None)
         for key in self.OUTPUT_KEYS:
             value = body.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-        model = model if model is not None else body.get("model")
-        window = self.context_window(model if isinstance(model, str) else None)
-        return min(self.default_output_reserve, window // 4)
+                return min(value, window // 2)
+        return self.default_reserve(window)
 
     def input_limit(self, model: str | None, body: Mapping[str, Any]) -> int:
         """Tokens the prompt may take so the reply still fits; at least 1."""
         return max(1, self.context_window(model) - self.output_reserve(body, model))
+
+    def refusal_limit(self, model: str | None, body: Mapping[str, Any]) -> int | None:
+        """The most tokens the last message may take before the "too long" answer.
+
+        None for a model whose window is unknown: it is never refused. The
+        client's output cap may only lower the reserve here, never raise it:
+        a large `max_tokens` is the provider's to judge.
+        """
+        window = self.known_window(model)
+        if window is None:
+            return None
+        reserve = min(self.output_reserve(body, model), self.default_reserve(window))
+        return max(1, window - reserve)
 
 
 def warm_up_encodings() -> None:

@@ -178,11 +178,14 @@ def test_legacy_function_call_stream() -> None:
     assert answer.finish_reason == "function_call"
 
 
-def test_stream_overflow_is_flagged() -> None:
+def test_stream_overflow_keeps_the_start_of_the_event() -> None:
     asm = StreamAssembler(max_event_bytes=256)
-    asm.feed(chunk({"content": "a" * 1000}) + chunk({"content": "b"}))
+    asm.feed(chunk({"content": "a" * 1000}) + chunk({"content": "b"}) + chunk(finish="stop"))
     answer = asm.finish()
-    assert answer.content == "b" and answer.overflowed
+    # the start of the cut event, nothing after it (the stored text stays a prefix)
+    assert 100 < len(answer.content) < 256 and set(answer.content) == {"a"}
+    assert answer.overflowed and answer.capped and answer.incomplete
+    assert answer.finish_reason == "stop"
 
 
 COMPLETION = {

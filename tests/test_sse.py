@@ -170,29 +170,50 @@ def test_invalid_utf8_never_raises() -> None:
     assert events == [SSEEvent("message", "\ufffd\ufffd\ufffd")]
 
 
-def test_huge_line_overflows_then_recovers() -> None:
+def test_huge_line_is_cut_at_the_cap_then_recovers() -> None:
     big = b"data: " + b"x" * 5000 + b"\n"
     raw = b"data: first\n\n" + b"data: head\n" + big + b"data: more\n\n" + b"data: next\n\n"
+    cut = SSEEvent("message", "head\n" + "x" * (1024 - 4 - 6), None, truncated=True)
     for step in (1, 7, 100, 1024, len(raw)):
         reader = SSEReader(1024)
         events = [e for i in range(0, len(raw), step) for e in reader.feed(raw[i : i + step])]
         events += reader.close()
-        assert events == [SSEEvent("message", "first"), SSEEvent("message", "next")], step
-        assert reader.overflowed
+        assert events == [SSEEvent("message", "first"), cut, SSEEvent("message", "next")], step
+        assert reader.overflowed and not reader.ended_mid_line
 
 
-def test_many_data_lines_overflow_the_event_cap() -> None:
+def test_many_data_lines_are_cut_at_the_event_cap() -> None:
     reader = SSEReader(100)
     raw = b"data: 0123456789\n" * 20 + b"\ndata: ok\n\n"
-    assert reader.feed(raw) == [SSEEvent("message", "ok")]
+    kept = "\n".join(["0123456789"] * 9 + ["0123"])
+    assert reader.feed(raw) == [SSEEvent("message", kept, None, True), SSEEvent("message", "ok")]
     assert reader.overflowed
 
 
-def test_overflow_at_close_drops_the_event() -> None:
+def test_overflow_before_close_keeps_the_start() -> None:
     reader = SSEReader(64)
-    assert reader.feed(b"data: " + b"y" * 100) == []
+    assert reader.feed(b"data: " + b"y" * 100) == [SSEEvent("message", "y" * 58, None, True)]
     assert reader.close() == []
     assert reader.overflowed
+
+
+def test_a_cut_never_splits_a_character_and_other_long_lines_are_skipped_alone() -> None:
+    raw = ("data: " + "é" * 40).encode() + b"\n\n"  # 2 bytes a character
+    assert parse(raw, cap=31) == [SSEEvent("message", "é" * 12, None, True)]
+    raw = b": " + b"z" * 200 + b"\nevent: " + b"e" * 200 + b"\ndata: kept\n\n"
+    for cuts in ([], [5, 100, 203, 250]):
+        assert parse(raw, cuts, cap=64) == [SSEEvent("message", "kept")]
+
+
+def test_a_stream_ending_inside_a_line_is_told() -> None:
+    reader = SSEReader()
+    reader.feed(b'data: {"a": 1}\n\ndata: {"b"')
+    assert reader.close() == [SSEEvent("message", '{"b"')]
+    assert reader.ended_mid_line
+    reader = SSEReader()
+    reader.feed(b'data: {"a": 1}\n')
+    assert reader.close() == [SSEEvent("message", '{"a": 1}')]
+    assert not reader.ended_mid_line
 
 
 @given(streams, st.lists(st.integers(0, 400), max_size=12), st.integers(1, 24))

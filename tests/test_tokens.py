@@ -432,5 +432,19 @@ def test_input_limit() -> None:
     assert limits.input_limit("gpt-4o", {"max_tokens": 1000}) == 127_000
     assert limits.input_limit("gpt-4", {}) == 8192 - 1024
     assert limits.input_limit("tiny", {}) == 1500
-    assert limits.input_limit("tiny", {"max_tokens": 5000}) == 1
+    # a client's reserve is at most half the window: memory still gets the rest
+    assert limits.input_limit("tiny", {"max_tokens": 5000}) == 1000
+    assert limits.input_limit("gpt-4o", {"max_tokens": 200_000}) == 64_000
     assert limits.input_limit("unknown-model", {}) == 8192 - 1024
+    assert limits.input_limit("my-local-model", {"max_tokens": 9000}) == 4096
+
+
+def test_refusal_limit() -> None:
+    """The "too long" answer: never for an unknown window, never for a large max_tokens."""
+    limits = ModelLimits({"tiny": 2000})
+    assert limits.refusal_limit("my-local-model", {"max_tokens": 9000}) is None
+    assert limits.refusal_limit(None, {}) is None
+    assert limits.refusal_limit("tiny", {}) == 1500
+    assert limits.refusal_limit("tiny", {"max_tokens": 5000}) == 1500
+    assert limits.refusal_limit("tiny", {"max_tokens": 100}) == 1900
+    assert limits.refusal_limit("gpt-4o", {"max_tokens": 200_000}) == 128_000 - 1024
