@@ -37,6 +37,9 @@ from tests.upstream import Reply, Upstream, sse
 ROOT = Path(__file__).resolve().parents[1]
 PROXY = ROOT / "examples" / "litellm" / "proxy.py"
 STARTUP_TIMEOUT = 90.0
+# The parent and each worker import LiteLLM (~10 s of CPU each): on a busy 2-core
+# machine, two workers take minutes to start.
+WORKERS_STARTUP_TIMEOUT = 300.0
 PING_INTERVAL = 0.2
 SLOW = 1.0
 UPSTREAM_KEY = "sk-upstream-" + secrets.token_hex(8)
@@ -137,8 +140,10 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                 process.wait(timeout=10)
 
 
-def _wait_until_live(process: subprocess.Popen[bytes], url: str, output: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
+def _wait_until_live(
+    process: subprocess.Popen[bytes], url: str, output: Path, timeout: float = STARTUP_TIMEOUT
+) -> None:
+    deadline = time.monotonic() + timeout
     with httpx.Client(timeout=2) as http:
         while time.monotonic() < deadline and process.poll() is None:
             with contextlib.suppress(httpx.TransportError):
@@ -146,7 +151,7 @@ def _wait_until_live(process: subprocess.Popen[bytes], url: str, output: Path) -
                     return
             time.sleep(0.1)
     if process.poll() is None:
-        problem = f"did not answer /health/liveliness within {STARTUP_TIMEOUT:.0f} s"
+        problem = f"did not answer /health/liveliness within {timeout:.0f} s"
     else:
         problem = f"exited with code {process.returncode}"
     tail = "\n".join(output.read_text(errors="replace").splitlines()[-60:])
@@ -353,7 +358,7 @@ def test_a_spawned_worker_runs_the_script_without_importing_litellm() -> None:
     assert done.stdout.decode().strip() == "[]"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(WORKERS_STARTUP_TIMEOUT + 300)
 def test_uvicorn_workers_under_litellm_all_have_memory(tmp_path: Path, chroma_server: str) -> None:
     """`--num_workers 2`: each worker adds the middleware to its own app, and they
     share memory through the Chroma server."""
@@ -372,7 +377,7 @@ def test_uvicorn_workers_under_litellm_all_have_memory(tmp_path: Path, chroma_se
             process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=log)
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_until_live(process, url, output)
+            _wait_until_live(process, url, output, WORKERS_STARTUP_TIMEOUT)
             served: set[int] = set()
 
             def remember_and_recall(n: int) -> None:  # on a connection of its own
@@ -398,7 +403,7 @@ def test_uvicorn_workers_under_litellm_all_have_memory(tmp_path: Path, chroma_se
             # Which worker accepts a connection is the kernel's choice (often always the
             # same one), so show instead that every worker loaded the memory at start-up
             # (uvicorn may replace a worker that starts slowly: look at the live ones).
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + WORKERS_STARTUP_TIMEOUT
             while True:
                 spawned = {p for p in children(process.pid) if "spawn_main" in cmdline(p)}
                 loaded = {p for p in spawned if memory_loaded(p)}
