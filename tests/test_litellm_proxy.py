@@ -369,7 +369,11 @@ def test_uvicorn_workers_under_litellm_all_have_memory(tmp_path: Path, chroma_se
     with serve_in_thread(upstream.app()) as upstream_url:
         (tmp_path / "config.yaml").write_text(CONFIG)
         port, key = free_port(), "sk-" + secrets.token_hex(24)
-        env = proxy_env(tmp_path, upstream_url, key, RSV_CHROMA_URL=chroma_server)
+        # Every answer must come with memory: on a busy machine the first requests to a
+        # worker took over the 5 s memory budget, and were forwarded without it.
+        env = proxy_env(
+            tmp_path, upstream_url, key, RSV_CHROMA_URL=chroma_server, RSV_MEMORY_TIMEOUT_MS="60000"
+        )
         command = [sys.executable, str(PROXY), "--config", str(tmp_path / "config.yaml")]
         command += ["--port", str(port), "--num_workers", "2"]
         output = tmp_path / "proxy.log"
