@@ -540,7 +540,7 @@ def litellm_child(kind: str, config: Path, port: int) -> int:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        command = module.command
+        command = module.build_command()
     argv = ["--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     command.main(args=argv, prog_name="litellm", standalone_mode=True)
     return 0

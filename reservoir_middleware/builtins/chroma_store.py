@@ -157,7 +157,8 @@ class ChromaStore:
         if chroma_url is None and chroma_process == "child":
             self._server = shared_server(data_dir, embed_threads=1 if child_embeddings else None)
             weakref.finalize(self, release, self._server)
-        # HTTP clients of the child, closed when the store is dropped or at exit
+        # HTTP clients (of the child or of `chroma_url`), closed when the store is
+        # dropped or at exit: chromadb keeps them, and their sockets, alive until then
         self._opened: list[Any] = []
         weakref.finalize(self, _close_clients, self._opened)
         self._collections: dict[str, Any] = {}
@@ -193,6 +194,8 @@ class ChromaStore:
             client = make_client(self.data_dir, self.chroma_url)
             if self._created is not None:
                 self._created.check()  # chroma.sqlite3
+            if self.chroma_url is not None:
+                self._opened.append(client)
             return client
         from ..datadir_lock import lock_data_dir
 
@@ -208,13 +211,16 @@ class ChromaStore:
         return self._server
 
     def close(self) -> None:
-        """Stop the child Chroma server, if this store runs one."""
+        """Close the connections to a Chroma server, and stop the child Chroma
+        server if this store runs one (both open again on the next use)."""
         with self._lock:
             client, self._client = self._client, None
             self._collections.clear()
+        if client is not None and not self.in_process:
+            _close_client(client)
+            with contextlib.suppress(ValueError):
+                self._opened.remove(client)  # closed: not kept until the store is dropped
         if self._server is not None:
-            if client is not None:
-                _close_client(client)
             self._server.stop()
 
     @property
