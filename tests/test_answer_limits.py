@@ -15,6 +15,7 @@ from reservoir_middleware.answer import (
     StreamAssembler,
 )
 from reservoir_middleware.partialjson import loads_prefix
+from reservoir_middleware.search import terms
 
 BASE = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
 
@@ -123,3 +124,9 @@ def test_every_prefix_of_a_json_text_reads_as_json_or_none(
     got = loads_prefix(text[:cut])
     # whatever it gives is valid JSON that encodes without lone surrogates
     json.dumps(got, ensure_ascii=False).encode("utf-8")
+
+
+def test_a_long_unbroken_word_is_indexed_in_linear_time() -> None:
+    """An answer of one 200 000-letter word (a capped answer can be 4 Mi of them) is
+    split into terms at once; the compound pattern used to backtrack for hours."""
+    assert terms("ab12" * 50_000 + " v1.2.3") == ["ab12" * 50_000, "v1", "2", "3", "v1.2.3"]
