@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 from openai import AsyncOpenAI
 
-from reservoir_middleware.builtins.chroma_store import collection_name
+from reservoir_middleware.builtins.chroma_store import _close_client, collection_name
 from reservoir_middleware.datadir_lock import lock_data_dir
 from reservoir_middleware.records import Scope
 from tests.conftest import GatewayFactory, free_port, running, serve
@@ -280,7 +280,7 @@ async def two_workers(tmp_path: Path, chroma_url: str, upstream_url: str) -> Asy
 
 @pytest.mark.timeout(420)
 async def test_two_workers_answer_and_share_memory_through_the_chroma_server(
-    tmp_path: Path, chroma_server: str
+    tmp_path: Path, chroma_server: str, request: pytest.FixtureRequest
 ) -> None:
     import chromadb
     from chromadb.config import Settings
@@ -292,6 +292,7 @@ async def test_two_workers_answer_and_share_memory_through_the_chroma_server(
         port=address.port or 8000,
         settings=Settings(anonymized_telemetry=False),
     )
+    request.addfinalizer(lambda: _close_client(chroma))  # and its connections
     partition = f"w{uuid.uuid4().hex[:10]}"  # the Chroma server is shared by the session
     upstream = Upstream()
     async with serve(upstream.app()) as upstream_url:
