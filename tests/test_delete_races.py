@@ -221,3 +221,30 @@ async def test_an_exchange_in_flight_during_a_delete_is_not_stored(
         assert texts == ["a new beginning", "Echo: a new beginning"]
     finally:
         await again.close()
+
+
+def test_deletion_records_are_compacted_once_no_journal_can_be_older(tmp_path: Path) -> None:
+    from reservoir_middleware.deletions import KEEP_S, Deletions
+
+    old = time.time() - 2 * KEEP_S
+    path = tmp_path / "deletions.jsonl"
+    lines = [
+        json.dumps({"id": str(n), "time": old, "partition": f"p{n}", "instance": "i"})
+        for n in range(4000)  # past the size that starts a compaction
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    older = journal / f"host-1-t{int((old - 10) * 1000)}-0123abcd.jsonl"  # a dead worker's
+    older.write_bytes(b"")
+    Deletions(tmp_path).record("fresh", "i")
+    assert len(path.read_bytes().splitlines()) == 4001  # that file may hold deleted exchanges
+    known = Deletions(tmp_path)
+    known.refresh()
+    assert known.covers("p7", "i", old - 1) and not known.covers("p7", "i", old + 1)
+
+    older.unlink()
+    Deletions(tmp_path).record("fresher", "i")
+    learned = Deletions(tmp_path).refresh()
+    assert [d.partition for d in learned] == ["fresh", "fresher"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
