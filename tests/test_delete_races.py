@@ -248,3 +248,31 @@ def test_deletion_records_are_compacted_once_no_journal_can_be_older(tmp_path: P
     learned = Deletions(tmp_path).refresh()
     assert [d.partition for d in learned] == ["fresh", "fresher"]
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_a_partition_delete_covers_exchanges_in_flight_and_queued(tmp_path: Path) -> None:
+    """Deleting a whole partition also covers instances the store does not have yet:
+    an exchange in flight and a queued write of them are not stored after it."""
+    from reservoir_middleware.answer import Answer
+
+    marker = f"zebra-{secrets.token_hex(6)}"
+    settings = make_settings(tmp_path, chroma_process="inline", write_delay_ms=60_000)
+
+    def chat(text: str) -> dict[str, Any]:
+        return {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
+
+    engine = Reservoir(settings)
+    try:
+        await engine.add("acme", "a", [{"role": "user", "content": f"stored {marker}"}])
+        flying = await engine.enrich("acme", "b", chat(f"in flight {marker}"), store="with_answer")
+        await engine.enrich("acme", "c", chat(f"queued {marker}"), store=True)
+        assert await engine.delete("acme") == 1  # the one instance in the store
+        engine.record_answer(flying, Answer(content=f"answer {marker}", finish_reason="stop"))
+        await engine.settle()
+        await engine.enrich("acme", "b", chat("said after the delete"), store=True)
+        await engine.settle()
+        stored = {i: [r.text for r in await engine.recent("acme", i)] for i in "abc"}
+        assert stored == {"a": [], "b": ["said after the delete"], "c": []}
+    finally:
+        await engine.close()
+    assert files_holding(settings.data_dir, marker.encode()) == []
