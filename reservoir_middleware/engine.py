@@ -779,8 +779,10 @@ class Reservoir:
         self, job: WriteJob, records: list[MessageRecord], answer: MessageRecord | None
     ) -> None:
         """Keep the exchange on disk until the store has it (survives a kill)."""
-        if self.journal is None:
-            return
+        if self.journal is None or self.deletions.covers(
+            job.scope.partition, job.scope.instance, job.began
+        ):
+            return  # (deleted while the record filters ran)
         data = exchange_data(job, records, answer)
         try:
             job.entry = self.journal.append(data)

@@ -302,15 +302,3 @@ def purge_file(path: Path, drop: Callable[[dict[str, Any]], bool]) -> int:
     finally:
         os.close(fd)
     return len(dropped)
-
-
-def scope_matcher(partition: str, instance: str | None) -> Callable[[dict[str, Any]], bool]:
-    """Selects the journal entries of one scope, or of every instance of a partition."""
-
-    def match(payload: dict[str, Any]) -> bool:
-        scope = payload.get("scope")
-        if not isinstance(scope, list) or len(scope) != 2:
-            return False
-        return scope[0] == partition and (instance is None or scope[1] == instance)
-
-    return match
