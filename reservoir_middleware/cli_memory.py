@@ -178,9 +178,9 @@ async def delete(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
-    deleted = 0
-    for scope in scopes:
-        deleted += await reservoir.delete(scope.partition, scope.instance)
+    # one delete of the partition (or instance): it also covers what only a journal
+    # or another process's queue holds, and instances made meanwhile
+    deleted = await reservoir.delete(args.partition, args.instance)
     print(f"deleted {deleted} scope(s)")
     return 0
 

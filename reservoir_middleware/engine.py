@@ -30,8 +30,9 @@ from .builtins.truncation import BudgetTruncation
 from .chroma_server import ChromaServerError
 from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
 from .deadletter import DeadLetters
+from .deletions import Deletion, Deletions, entry_began, now
 from .embeddings import MiniLMEmbedding, make_embedding_function
-from .journal import Journal, scope_matcher
+from .journal import Journal
 from .logs import log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
 from .private import private_dirs, tighten_tree
@@ -55,6 +56,7 @@ CHILD_EMBED_MAX = 64  # texts per write embedded in the Chroma child; more (impo
 
 BACKPRESSURE_WAIT_S = 2.0
 SETTLE_POLL_S = 0.05  # the longest a request waits for a writer that fell behind
+DELETIONS_CHECK_S = 1.0  # how often requests look for deletes made by other processes
 
 
 class InvalidChatRequest(ValueError):
@@ -90,6 +92,7 @@ class Enrichment:
     visible: list[MessageRecord] = field(default_factory=list)  # shown while in flight
     known: dict[str, list[float]] = field(default_factory=dict)
     job: WriteJob | None = None  # with store=True: the queued write of the request
+    began: float = 0.0  # a delete of the scope after it: nothing of the exchange is stored
 
     @property
     def degraded(self) -> bool:
@@ -151,6 +154,9 @@ class Reservoir:
         self._journalling: set[asyncio.Task[None]] = set()
         self.journal = Journal(s.data_dir / "journal") if s.journal else None
         self.dead_letters = DeadLetters(s.data_dir)
+        self.deletions = Deletions(s.data_dir)
+        self._deletions_checked = float("-inf")  # (loop time)
+        self._background: set[asyncio.Task[Any]] = set()
         self._warm = False
         self._recovered = False
 
@@ -168,10 +174,11 @@ class Reservoir:
     ) -> list[str]:
         """Store messages of one scope now; returns the ids newly written."""
         scope = checked_scope(partition, instance)
+        began = now()
         trace = clean_text(str(trace_id)) if trace_id else uuid.uuid4().hex
         records = self._records(scope, messages, trace, model, source)
         await self.settle(scope, timeout=30)  # after what the scope has queued
-        job = WriteJob(scope, records, trace_id=trace)
+        job = WriteJob(scope, records, trace_id=trace, began=began)
         async with self._scope_lock(scope):
             await self._write_jobs(scope, [job])
         return job.written
@@ -192,19 +199,26 @@ class Reservoir:
         exchange); until then they already count as the scope's newest
         messages. `store=False` stores nothing.
         """
+        began = now()
         if not self._warm:
             await self._warm_up_engine()
+        self._watch_deletions()
         await self._lane().wait_for_room(BACKPRESSURE_WAIT_S)
-        return await self._enrich(checked_scope(partition, instance), body, store)
+        return await self._enrich(checked_scope(partition, instance), body, store, began)
 
     async def _enrich(
-        self, scope: Scope, body: Mapping[str, Any], store: bool | Literal["with_answer"]
+        self,
+        scope: Scope,
+        body: Mapping[str, Any],
+        store: bool | Literal["with_answer"],
+        began: float,
     ) -> Enrichment:
         new_body, rewrite = await self.hooks.rewrite_request(dict(body), scope)
         messages = chat_messages(new_body)
         model = new_body.get("model") if isinstance(new_body.get("model"), str) else None
         trace_id = uuid.uuid4().hex
         result = Enrichment(scope, new_body, trace_id, failures=list(rewrite.failures))
+        result.began = began
         limit = self.limits.input_limit(model, new_body)
         refuse_over = self.limits.refusal_limit(model, new_body)  # None: never refused
         if refuse_over is not None:
@@ -231,6 +245,9 @@ class Reservoir:
         truncated, outcome = await self.hooks.truncate(plan, budget)
         result.failures.extend(outcome.failures)
         plan = truncated or plan
+        deleted = self.deletions.covers(scope.partition, scope.instance, began)
+        if deleted:  # while its memory was read: what was read may be gone
+            plan = replace(plan, semantic=[], recent=[])
         rendered, result.semantic, result.recent = await anyio.to_thread.run_sync(
             _render_and_report, plan, budget
         )
@@ -241,10 +258,10 @@ class Reservoir:
         result.known = {query_text: embedding} if embedding is not None else {}
         if store:
             result.visible = await self._visible(records)
-        if store == "with_answer":
+        if store == "with_answer" and not deleted:
             self._inflight.setdefault(scope.key, []).extend(result.visible)
         elif store:
-            result.job = WriteJob(scope, records, result.known, trace_id=trace_id)
+            result.job = WriteJob(scope, records, result.known, trace_id=trace_id, began=began)
             self._enqueue(result.job, show=result.visible)
         return result
 
@@ -275,6 +292,11 @@ class Reservoir:
         stored.
         """
         scope = enrichment.scope
+        if self.deletions.covers(scope.partition, scope.instance, enrichment.began):
+            self.discard(enrichment)  # the scope was deleted since the exchange began
+            stored: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            stored.set_result(None)
+            return stored
         template = None
         if answer is not None:
             model = answer.model or enrichment.body.get("model")
@@ -301,11 +323,21 @@ class Reservoir:
         shown = [preview] if preview is not None and not filtered else []
         if enrichment.job is not None:  # the request is queued already
             job = WriteJob(
-                scope, [], answer=template, after=enrichment.job, trace_id=enrichment.trace_id
+                scope,
+                [],
+                answer=template,
+                after=enrichment.job,
+                trace_id=enrichment.trace_id,
+                began=enrichment.began,
             )
             return self._enqueue(job, show=shown)
         job = WriteJob(
-            scope, records, enrichment.known, answer=template, trace_id=enrichment.trace_id
+            scope,
+            records,
+            enrichment.known,
+            answer=template,
+            trace_id=enrichment.trace_id,
+            began=enrichment.began,
         )
         if filtered:  # nothing unfiltered may reach the disk, so the journal waits for them
             task = asyncio.ensure_future(self._journal_filtered(job, enrichment.visible))
@@ -349,28 +381,92 @@ class Reservoir:
         return await anyio.to_thread.run_sync(self.store.recent, scope, limit)
 
     async def delete(self, partition: str, instance: str | None = None) -> int:
-        """Forget one scope, or every instance of a partition; returns how many."""
+        """Forget one scope, or every instance of a partition; returns how many.
+
+        What began before, in any process on the data directory (an exchange
+        in flight, queued, journalled, or replayed after a crash), is not
+        stored after it: the delete is recorded (fsynced) in `deletions.jsonl`
+        before the store forgets the scope under its write lock, and every
+        write checks that record under the same lock.
+        """
+        await anyio.to_thread.run_sync(lambda: self.store.client)  # reachable (and ours)
         if instance is not None:
             scopes = [checked_scope(partition, instance)]
         else:
             checked_name("partition", partition)
+            whole = await anyio.to_thread.run_sync(self.deletions.record, partition, None)
+            self._forget_inflight(whole)
             scopes = await anyio.to_thread.run_sync(self.store.scopes, partition)
         for scope in scopes:
-            await self.settle(scope)
-            outcome = await self.hooks.delete(scope)
+            async with self._scope_lock(scope):
+                if instance is not None:
+                    deletion = await anyio.to_thread.run_sync(
+                        self.deletions.record, partition, instance
+                    )
+                    self._forget_inflight(deletion)
+                outcome = await self.hooks.delete(scope)
             if outcome.failures:
                 raise RuntimeError(str(outcome.failures[0])) from outcome.failures[0].error
-            self._drop_queued(scope)  # what the store failed to take must not come back
+        self._hurry_deleted(partition, instance)
         if self.journal is not None:  # nor what a journal keeps, after a crash too
-            await anyio.to_thread.run_sync(self.journal.purge, scope_matcher(partition, instance))
+            await anyio.to_thread.run_sync(self._purge_journals)
         await anyio.to_thread.run_sync(self.dead_letters.purge, partition, instance)
         return len(scopes)
 
-    def _drop_queued(self, scope: Scope) -> None:
-        lane = self._lanes.get(asyncio.get_running_loop())
-        for job in lane.drop(scope.key) if lane is not None else []:
-            if self.journal is not None and job.entry is not None:
-                self.journal.done(job.entry)
+    def _purge_journals(self) -> None:
+        """This process's journal files, and orphans no live process holds; a live
+        worker's file is its own to purge, when it learns of the delete."""
+        assert self.journal is not None
+        self.journal.purge(self.deletions.covers_entry)
+        self.journal.purge_orphans(self.deletions.covers_entry)
+
+    def _forget_inflight(self, deletion: Deletion) -> None:
+        """Messages of exchanges begun before a delete no longer show as in flight."""
+        for key, inflight in list(self._inflight.items()):
+            partition, instance = key.split("\x00", 1)
+            if partition == deletion.partition and deletion.instance in (None, instance):
+                inflight[:] = [r for r in inflight if r.timestamp > deletion.time]
+                if not inflight:
+                    self._inflight.pop(key, None)
+
+    def _hurry_deleted(self, partition: str, instance: str | None) -> None:
+        """Queued jobs of a deleted scope go now (and are dropped, their journal
+        entries closed), also those waiting for a retry."""
+        with contextlib.suppress(RuntimeError):  # (no running loop)
+            lane = self._lanes.get(asyncio.get_running_loop())
+            if lane is None:
+                return
+            for key in list(lane.queues):
+                each_partition, each_instance = key.split("\x00", 1)
+                if each_partition == partition and instance in (None, each_instance):
+                    lane.hurry(key, retry_now=True)
+
+    def _learned(self, deletions: list[Deletion]) -> None:
+        """Deletes made by another process: its queued and in-flight exchanges of
+        those scopes are dropped when written; its own journal files are purged."""
+        for deletion in deletions:
+            self._forget_inflight(deletion)
+            self._hurry_deleted(deletion.partition, deletion.instance)
+        if self.journal is not None and deletions:
+            purge = anyio.to_thread.run_sync(self.journal.purge, self.deletions.covers_entry)
+            task = asyncio.ensure_future(purge)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _watch_deletions(self) -> None:
+        """At most once a second, look (in the background) for deletes made by other
+        processes, so that this process purges its journal soon after them."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._deletions_checked < DELETIONS_CHECK_S:
+            return
+        self._deletions_checked = loop.time()
+
+        async def check() -> None:
+            self._learned(await anyio.to_thread.run_sync(self.deletions.refresh))
+
+        task = asyncio.ensure_future(check())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def settle(
         self,
@@ -688,8 +784,10 @@ class Reservoir:
         self, job: WriteJob, records: list[MessageRecord], answer: MessageRecord | None
     ) -> None:
         """Keep the exchange on disk until the store has it (survives a kill)."""
-        if self.journal is None:
-            return
+        if self.journal is None or self.deletions.covers(
+            job.scope.partition, job.scope.instance, job.began
+        ):
+            return  # (deleted while the record filters ran)
         data = exchange_data(job, records, answer)
         try:
             job.entry = self.journal.append(data)
@@ -713,10 +811,20 @@ class Reservoir:
         """Queue what dead processes left in their journals (replayed once, by one)."""
         if self.journal is None:
             return
+        await anyio.to_thread.run_sync(self.deletions.refresh)
         orphans = await anyio.to_thread.run_sync(lambda: list(self.journal.orphans()))  # type: ignore[union-attr]
+        deleted = 0
         for path, entries in orphans:
-            logger.info("replaying %d unsaved exchanges from %s", len(entries), path)
-            for entry in entries:
+            kept = [e for e in entries if not self.deletions.covers_entry(e.data)]
+            if len(kept) < len(entries):  # of a scope deleted since: never stored again
+                keep = {id(e) for e in kept}
+                for entry in entries:
+                    if id(entry) not in keep:
+                        self.journal.done(entry)
+            deleted += len(entries) - len(kept)
+            if kept:
+                logger.info("replaying %d unsaved exchanges from %s", len(kept), path)
+            for entry in kept:
                 try:
                     job = job_from_journal(entry.data)
                 except (KeyError, TypeError, ValueError) as exc:  # BadRecord, mostly
@@ -725,6 +833,8 @@ class Reservoir:
                     continue
                 job.entry = entry
                 self._enqueue(job)
+        if deleted:  # their bytes go too
+            await anyio.to_thread.run_sync(self.journal.purge, self.deletions.covers_entry)
 
     @contextlib.asynccontextmanager
     async def _scope_lock(self, scope: Scope) -> AsyncIterator[None]:
@@ -760,6 +870,16 @@ class Reservoir:
         re-sending its history writes nothing. Each job learns the id the next
         message chains to (`last_id`) and what it wrote (`written`).
         """
+        # under the scope's write lock: a delete holds it while the store forgets the
+        # scope, and records itself first, so what began before it is seen here
+        self._learned(await anyio.to_thread.run_sync(self.deletions.refresh))
+        latest = self.deletions.latest(scope.partition, scope.instance)
+        for job in jobs:
+            if job.began <= latest:
+                job.written, job.last_id = [], None
+        jobs = [job for job in jobs if job.began > latest]
+        if not jobs:
+            return
         store = self.store
         ids = [r.id for job in jobs for r in job.records]
         existing = await anyio.to_thread.run_sync(store.existing_ids, scope, ids) if ids else set()
@@ -872,6 +992,7 @@ def exchange_data(
     """An exchange as the journal and the dead-letter file keep it (`job_from_journal` reads it)."""
     return {
         "scope": [job.scope.partition, job.scope.instance],
+        "began": job.began,
         "trace_id": job.trace_id,
         "records": [r.to_dict() for r in records],
         "answer": answer.to_dict() if answer is not None else None,
@@ -909,6 +1030,7 @@ def job_from_journal(data: Any) -> WriteJob:
         answer=answer,
         trace_id=clean_text(trace_id) if trace_id else None,
         verify=True,
+        began=entry_began(data),
     )
 
 

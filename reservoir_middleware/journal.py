@@ -6,7 +6,8 @@ is appended here (one `write`, no fsync: the kernel keeps it if the process
 is killed); once the store has it, a `done` line follows. A process that
 dies leaves its file behind, unlocked: the next process to start replays
 what has no `done` line. Each process holds an exclusive `flock` on its own
-file, so workers sharing a directory never replay each other's live files.
+file, so workers sharing a directory never replay each other's live files;
+and only the holder of a file's lock ever rewrites it (a delete: `purge`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import socket
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class _JournalFile:
         self.fd = fd
         self.size = os.fstat(fd).st_size
         self.outstanding = 0
+        self.truncated = 0  # times emptied: a purge reading it meanwhile starts again
 
     def append(self, line: bytes) -> None:
         os.write(self.fd, line)
@@ -63,8 +66,10 @@ class Journal:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # short: `append` and `done` take it on the event loop
         self._current: _JournalFile | None = None
+        self._owned: set[_JournalFile] = set()  # every file this process holds locked
+        self._purging = threading.Lock()  # one purge at a time
 
     def append(self, data: dict[str, Any]) -> JournalEntry:
         """Record an exchange; raises OSError if the directory is not writable."""
@@ -87,11 +92,13 @@ class Journal:
             file.outstanding -= 1
             if file is not self._current:
                 if file.outstanding <= 0:
+                    self._owned.discard(file)
                     file.close(remove=True)
                 return
             if file.outstanding <= 0 and file.size > 64 * 1024:
                 os.ftruncate(file.fd, 0)  # nothing left to replay: start afresh
                 file.size = 0
+                file.truncated += 1
             else:
                 file.append(_line({"done": entry.id}))
 
@@ -100,51 +107,97 @@ class Journal:
         if current is not None and current.size < ROTATE_BYTES:
             return current
         if current is not None and current.outstanding <= 0:
+            self._owned.discard(current)
             current.close(remove=True)
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        # its creation time in the name: deletion records older than every file may go
+        created = int(time.time() * 1000)
+        name = f"{socket.gethostname()}-{os.getpid()}-t{created}-{uuid.uuid4().hex[:8]}.jsonl"
         path = self.directory / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._current = _JournalFile(path, fd)
+        self._owned.add(self._current)
         return self._current
 
     def purge(self, drop: Callable[[dict[str, Any]], bool]) -> int:
-        """Remove the selected entries from every journal file in the directory
-        (this process's, and orphans not locked by a live process)."""
-        if not self.directory.is_dir():
-            return 0
+        """Remove the selected entries from the files this process holds (its own,
+        and orphans it replays). Each is rewritten into a new file, locked before
+        it takes the old one's name; `append` and `done` wait only for that swap,
+        never for the reading and writing. Files of other live processes are
+        theirs to purge; orphans nobody holds: `purge_orphans`."""
         removed = 0
-        with self._lock:
-            current = self._current
-            for path in sorted(self.directory.glob("*.jsonl")):
-                if current is not None and path == current.path:
-                    count = purge_file(path, drop)
-                    if count:  # go on appending to the new file, keeping its lock
-                        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        os.close(current.fd)
-                        current.fd = fd
-                        current.size = os.fstat(fd).st_size
-                    removed += count
-                else:
-                    removed += purge_file(path, drop)
+        with self._purging:
+            with self._lock:
+                files = sorted(self._owned, key=lambda f: str(f.path))
+            for file in files:
+                removed += self._purge_own(file, drop)
         return removed
 
-    def orphans(self) -> Iterator[tuple[Path, list[JournalEntry]]]:
-        """Files of processes that are gone, each with its entries not marked done.
+    def _purge_own(self, file: _JournalFile, drop: Callable[[dict[str, Any]], bool]) -> int:
+        with self._lock:
+            if file not in self._owned:
+                return 0
+            size, truncated = file.size, file.truncated
+        try:
+            with file.path.open("rb") as stream:
+                raw = stream.read(size)
+        except OSError:
+            return 0
+        kept, dropped = _filter(raw, drop, set())
+        if not dropped:
+            return 0
+        tmp = self.directory / f".{file.path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours before it has the name
+            os.write(fd, kept)
+            os.fsync(fd)
+            with self._lock:  # the swap: what was appended meanwhile follows, filtered
+                if file not in self._owned:
+                    raise OSError("closed meanwhile")
+                if file.truncated != truncated:  # emptied meanwhile: what it holds now
+                    os.ftruncate(fd, 0)
+                    size = 0
+                if file.size > size:
+                    with file.path.open("rb") as stream:
+                        stream.seek(size)
+                        os.write(fd, _filter(stream.read(file.size - size), drop, dropped)[0])
+                os.replace(tmp, file.path)
+                fd, file.fd = file.fd, fd
+                file.size = os.fstat(file.fd).st_size
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return 0
+        finally:
+            os.close(fd)  # the old file's (or, on failure, the new one's)
+        return len(dropped)
 
-        A file is yielded locked by this process; its entries carry it, so
-        `done` removes the file once all of them are stored. Only regular files
-        of this user that no one else may read or write are read (any other one
-        was not written by a journal of ours): the others are renamed aside
-        (`<name>.rejected`) and logged, never replayed.
+    def purge_orphans(self, drop: Callable[[dict[str, Any]], bool]) -> int:
+        """Remove the selected entries from files no live process holds."""
+        removed = 0
+        for path, fd in self._unheld():
+            try:
+                removed += purge_file(path, drop)
+            finally:
+                os.close(fd)
+        return removed
+
+    def _unheld(self) -> Iterator[tuple[Path, int]]:
+        """The files of processes that are gone, each locked by this process while
+        the caller uses it (a file renamed over meanwhile is skipped).
+
+        Only regular files of this user that no one else may read or write are
+        taken (any other one was not written by a journal of ours): the others
+        are renamed aside (`<name>.rejected`) and logged, never replayed.
         """
         if not self.directory.is_dir():
             return
-        own = self._current.path if self._current is not None else None
+        with self._lock:
+            own = {file.path for file in self._owned}
         for path in sorted(self.directory.glob("*.jsonl")):
-            if path == own:
+            if path in own:
                 continue
             flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
             try:
@@ -161,9 +214,21 @@ class Journal:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    raise OSError("replaced by its owner")
             except OSError:  # a live process owns it
                 os.close(fd)
                 continue
+            yield path, fd
+
+    def orphans(self) -> Iterator[tuple[Path, list[JournalEntry]]]:
+        """Files of processes that are gone, each with its entries not marked done.
+
+        A file is yielded locked by this process, which owns it from then on
+        (`purge` covers it); its entries carry it, so `done` removes the file
+        once all of them are stored.
+        """
+        for path, fd in self._unheld():
             file = _JournalFile(path, fd)
             entries = _read_entries(path, fd)
             if not entries:
@@ -172,6 +237,8 @@ class Journal:
             file.outstanding = len(entries)
             for entry in entries:
                 entry.file = file
+            with self._lock:
+                self._owned.add(file)
             yield path, entries
 
 
@@ -240,16 +307,12 @@ def _read_entries(path: Path, fd: int) -> list[JournalEntry]:
     return list(entries.values())
 
 
-def purge_file(path: Path, drop: Callable[[dict[str, Any]], bool]) -> int:
-    """Rewrite a journal file without the entries `drop` selects (and their `done`
-    lines): a new file, fsynced and renamed over the old one, so none of the
-    dropped bytes stay in it. Returns how many entries were dropped."""
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return 0
+def _filter(
+    raw: bytes, drop: Callable[[dict[str, Any]], bool], dropped: set[str]
+) -> tuple[bytes, set[str]]:
+    """The lines of `raw` without the entries `drop` selects and their `done`
+    lines; adds the ids of those entries to `dropped` and returns it."""
     kept: list[bytes] = []
-    dropped: set[str] = set()
     for line in raw.splitlines(keepends=True):
         try:
             payload = json.loads(line.decode("utf-8", "surrogatepass"))
@@ -262,26 +325,28 @@ def purge_file(path: Path, drop: Callable[[dict[str, Any]], bool]) -> int:
         if isinstance(payload, dict) and str(payload.get("done")) in dropped:
             continue
         kept.append(line)
+    return b"".join(kept), dropped
+
+
+def purge_file(path: Path, drop: Callable[[dict[str, Any]], bool]) -> int:
+    """Rewrite a journal file (that the caller holds locked) without the entries
+    `drop` selects (and their `done` lines): a new file, fsynced and renamed
+    over the old one, so none of the dropped bytes stay in it. Returns how
+    many entries were dropped."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return 0
+    kept, dropped = _filter(raw, drop, set())
     if not dropped:
         return 0
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, b"".join(kept))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still nobody's to adopt once renamed
+        os.write(fd, kept)
         os.fsync(fd)
+        os.replace(tmp, path)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
     return len(dropped)
-
-
-def scope_matcher(partition: str, instance: str | None) -> Callable[[dict[str, Any]], bool]:
-    """Selects the journal entries of one scope, or of every instance of a partition."""
-
-    def match(payload: dict[str, Any]) -> bool:
-        scope = payload.get("scope")
-        if not isinstance(scope, list) or len(scope) != 2:
-            return False
-        return scope[0] == partition and (instance is None or scope[1] == instance)
-
-    return match

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .deletions import now
 from .logs import log_failure
 from .records import MessageRecord, Scope
 
@@ -64,6 +65,7 @@ class WriteJob:
     last_id: str | None = None
     future: asyncio.Future[str | None] = field(default_factory=lambda: _loop().create_future())
     queued_at: float = field(default_factory=lambda: _loop().time())
+    began: float = field(default_factory=now)  # a delete of the scope after it drops the job
 
     @property
     def size(self) -> int:
