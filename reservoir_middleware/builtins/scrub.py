@@ -23,19 +23,20 @@ import uuid
 from pathlib import Path
 
 ERASE_TIMEOUT_S = 120.0
+ERASE_BUSY_S = 60.0  # how long the erase waits for a write lock held by someone else
 CHUNK = 16 << 20  # bytes of zeros per row when overwriting free pages
 
 
 class NotErased(RuntimeError):
-    """The deleted text may still be on disk: the collection was not deleted."""
+    """The text could not be erased from the disk, so the collection was not deleted."""
 
 
 ERASE = r"""
 import sqlite3, sys
 
 path, collection = sys.argv[1], sys.argv[2]
-chunk = int(sys.argv[3])
-db = sqlite3.connect(path, timeout=60, isolation_level=None)
+chunk, busy = int(sys.argv[3]), float(sys.argv[4])
+db = sqlite3.connect(path, timeout=busy, isolation_level=None)
 db.execute("PRAGMA secure_delete = ON")
 db.execute("BEGIN IMMEDIATE")
 try:
@@ -94,14 +95,15 @@ def erase(data_dir: Path, collection_id: str) -> list[str]:
     path = data_dir / "chroma.sqlite3"
     if not path.is_file():
         return []
-    command = [sys.executable, "-I", "-S", "-c", ERASE, str(path), collection_id, str(CHUNK)]
+    command = [sys.executable, "-I", "-S", "-c", ERASE, str(path), collection_id]
+    command += [str(CHUNK), str(ERASE_BUSY_S)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=ERASE_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise NotErased(f"cannot erase the deleted memory from {path}: {exc}") from exc
+        raise NotErased(f"not deleted: its text cannot be erased from {path}: {exc}") from exc
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise NotErased(f"cannot erase the deleted memory from {path}: {reason}")
+        raise NotErased(f"not deleted: its text cannot be erased from {path}: {reason}")
     return done.stdout.split()
 
 
