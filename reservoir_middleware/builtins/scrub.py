@@ -22,6 +22,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from ..private import PRIVATE_UMASK
+
 ERASE_TIMEOUT_S = 120.0
 ERASE_BUSY_S = 60.0  # how long the erase waits for a write lock held by someone else
 CHUNK = 16 << 20  # bytes of zeros per row when overwriting free pages
@@ -98,7 +100,13 @@ def erase(data_dir: Path, collection_id: str) -> list[str]:
     command = [sys.executable, "-I", "-S", "-c", ERASE, str(path), collection_id]
     command += [str(CHUNK), str(ERASE_BUSY_S)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=ERASE_TIMEOUT_S)
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=ERASE_TIMEOUT_S,
+            umask=PRIVATE_UMASK,  # its rollback journal holds the text until the commit
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         raise NotErased(f"not deleted: its text cannot be erased from {path}: {exc}") from exc
     if done.returncode != 0:
