@@ -107,6 +107,11 @@ async def serve_admin(
     except InvalidName as exc:
         await send_error(send, 400, "invalid_request", str(exc))
         return
+    except RuntimeError as exc:  # a delete the store could not do (its text stays)
+        if route.action != "delete":
+            raise
+        await send_error(send, 500, "delete_failed", str(exc))
+        return
     await response(scope, receive, send)
 
 

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .deletions import now
+
 FILE_NAME = "dead-letter.jsonl"
+DELETED_KEPT = 10_000  # deleted scopes remembered, so that a job set aside late is dropped
 
 
 class DeadLetters:
@@ -26,9 +29,15 @@ class DeadLetters:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / FILE_NAME
         self._lock = threading.Lock()
+        # (partition, instance or None for all) -> when it was last deleted (`deletions.now`)
+        self._deleted: dict[tuple[str, str | None], float] = {}
 
-    def add(self, data: dict[str, Any], error: BaseException, attempts: int) -> None:
-        """Append one exchange; raises OSError if the directory is not writable."""
+    def add(
+        self, data: dict[str, Any], error: BaseException, attempts: int, since: float = 0.0
+    ) -> bool:
+        """Append one exchange, unless its scope was deleted after `since` (the
+        job's `began`, a `deletions.now()` time): then False. Raises OSError if
+        it cannot be written."""
         payload = {
             **data,
             "error": f"{type(error).__name__}: {error}"[:2000],
@@ -36,13 +45,18 @@ class DeadLetters:
             "set_aside_at": time.time(),
         }
         line = (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8", "replace")
-        with self._lock:
+        partition, instance = (data.get("scope") or ["", ""])[:2]
+        with self._lock:  # a delete purges under it: a line is dropped either way
+            for key in ((partition, instance), (partition, None)):
+                if self._deleted.get(key, -1.0) >= since:
+                    return False
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, line)
             finally:
                 os.close(fd)
+        return True
 
     def count(self) -> int:
         """How many exchanges were set aside (0 without a file)."""
@@ -53,8 +67,13 @@ class DeadLetters:
             return 0
 
     def purge(self, partition: str, instance: str | None = None) -> None:
-        """Drop the lines of a deleted scope (or partition); the file is rewritten."""
+        """Drop the lines of a deleted scope (or partition); the file is rewritten.
+        An exchange of it set aside later, but queued before, is not written."""
         with self._lock:
+            self._deleted.pop((partition, instance), None)
+            self._deleted[(partition, instance)] = now()
+            while len(self._deleted) > DELETED_KEPT:
+                del self._deleted[next(iter(self._deleted))]
             try:
                 lines = self.path.read_bytes().splitlines(keepends=True)
             except OSError:

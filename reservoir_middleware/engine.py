@@ -57,6 +57,7 @@ CHILD_EMBED_MAX = 64  # texts per write embedded in the Chroma child; more (impo
 BACKPRESSURE_WAIT_S = 2.0
 SETTLE_POLL_S = 0.05  # the longest a request waits for a writer that fell behind
 DELETIONS_CHECK_S = 1.0  # how often requests look for deletes made by other processes
+CLOSE_WRITE_S = 10.0  # what close() gives the queued writes
 
 
 class InvalidChatRequest(ValueError):
@@ -498,9 +499,17 @@ class Reservoir:
             if waiting and waiting <= lane.retry_at.keys():  # the store fails them
                 return
 
-    async def close(self) -> None:
-        """Stop the child process embedded Chroma runs in (it starts again if
-        this engine is used later); the middleware does it at shutdown."""
+    async def close(self, timeout: float = CLOSE_WRITE_S) -> None:  # noqa: ASYNC109
+        """Store what is queued on this loop (for at most `timeout`; what is left
+        stays in the journal), then stop the child process embedded Chroma runs
+        in (it starts again if this engine is used later); the middleware does
+        it at shutdown."""
+        if self._journalling:  # (redaction) journalled before anything is given up
+            await asyncio.wait(set(self._journalling), timeout=timeout)
+        await self.settle(timeout=timeout)
+        lane = self._lanes.pop(asyncio.get_running_loop(), None)
+        if lane is not None:  # its writer must not restart the child after it stops
+            await lane.stop()
         await anyio.to_thread.run_sync(self.store.close)
         # what was made meanwhile with the app's umask (by inline Chroma, a plugin) is tightened
         await anyio.to_thread.run_sync(tighten_tree, self.settings.data_dir)
@@ -724,12 +733,14 @@ class Reservoir:
                 self.settings.write_delay_ms / 1000,
                 in_process=self.store.in_process,
                 set_aside=self._set_aside,
+                probe=self._probe,
             )
             self._lanes[loop] = lane
         return lane
 
     async def _set_aside(self, job: WriteJob, error: BaseException) -> None:
-        """Keep a job the store keeps refusing in the dead-letter file, out of the journal."""
+        """Keep a job the store refuses (alone, while it takes other writes) in the
+        dead-letter file; only then is its journal entry closed."""
         if job.entry is not None:  # as journalled (filtered already, when filters run)
             data = job.entry.data
         else:
@@ -742,12 +753,16 @@ class Reservoir:
             if answer is not None:
                 answer, _ = await self.hooks.prepare_record(replace(answer))
             data = exchange_data(job, records, answer)
-        try:
-            await anyio.to_thread.run_sync(self.dead_letters.add, data, error, job.failures)
-        finally:
-            if self.journal is not None and job.entry is not None:
-                self.journal.done(job.entry)
-                job.entry = None
+        # an error leaves the job queued and journalled (tried again later); a job of
+        # a scope deleted meanwhile is not written (`DeadLetters.purge`)
+        await anyio.to_thread.run_sync(self.dead_letters.add, data, error, job.failures, job.began)
+        if self.journal is not None and job.entry is not None:
+            self.journal.done(job.entry)
+            job.entry = None
+
+    async def _probe(self) -> None:
+        """A write to the store of nothing of anyone's; raises if the store refuses it."""
+        await anyio.to_thread.run_sync(self.store.probe)
 
     def _enqueue(
         self,

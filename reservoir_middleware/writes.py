@@ -7,10 +7,12 @@ each exchange on its own would waste CPU the requests need. Exchanges wait here 
 then all queued exchanges of a scope go in one batch. (Writing at the first
 quiet moment instead was measured: back to back it gave up the batching and
 tripled the added latency.) A batch that fails
-(the store is down) stays queued and is tried again with a growing pause;
-the journal keeps it across restarts. A job that fails for any other reason
-(content the store rejects, a bug) is tried alone, at most `MAX_ATTEMPTS`
-times, then set aside (the dead-letter file): no exchange can stop its scope.
+with the store at fault (down, busy, full, an internal error) stays queued
+and is tried again with a growing pause, without end; the journal keeps it
+across restarts. A batch that fails otherwise has its jobs tried alone; a
+job that fails alone `MAX_ATTEMPTS` times while the store takes a probe
+write is shown to be the cause and set aside (the dead-letter file): no
+exchange can stop its scope, and no healthy one is dropped.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ BACKLOG = 256  # queued exchanges beyond which new requests wait for the writer
 MAX_QUEUED_JOBS = 2000  # per scope while the store is down; older ones wait in the journal
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
-MAX_ATTEMPTS = 5  # failures not caused by the store being down, before a job is set aside
+MAX_ATTEMPTS = 5  # failures alone, not the store's fault, before a job may be set aside
 
 
 @dataclass(eq=False)
@@ -78,20 +80,51 @@ def _loop() -> asyncio.AbstractEventLoop:
 
 WriteBatch = Callable[[Scope, list[WriteJob]], Awaitable[None]]
 SetAside = Callable[[WriteJob, BaseException], Awaitable[None]]
+Probe = Callable[[], Awaitable[None]]
 
 
 def store_down(exc: BaseException) -> bool:
-    """The failure is the store being unreachable (retried without end, the
-    journal keeps the job), not something wrong with what was written."""
+    """The failure is the store's (unreachable, busy, full, failing inside), not
+    something wrong with what was written: retried without end, the journal
+    keeps the job. An error that tells neither (a 5xx without a known body is a
+    bare `Exception`) is judged by a probe write before any job is set aside."""
+    import sqlite3
+
     import httpx
+    from chromadb.errors import (
+        AuthorizationError,
+        ChromaAuthError,
+        ChromaError,
+        InternalError,
+        QuotaError,
+        RateLimitError,
+        VersionMismatchError,
+    )
 
     from .chroma_server import ChromaServerError
 
+    store_side = (
+        OSError,  # a full disk too
+        TimeoutError,
+        httpx.TransportError,
+        ChromaServerError,
+        sqlite3.Error,  # busy, locked, disk I/O
+        InternalError,  # what Chroma's Rust core says for SQLite and I/O failures
+        VersionMismatchError,
+        RateLimitError,
+        QuotaError,
+        AuthorizationError,
+        ChromaAuthError,
+    )
     seen: set[int] = set()
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError | TimeoutError | httpx.TransportError | ChromaServerError):
+        if isinstance(error, store_side):
+            return True
+        if isinstance(error, ChromaError) and error.code() >= 500:
+            return True
+        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500:
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -107,9 +140,11 @@ class WriteLane:
         *,
         in_process: bool = True,
         set_aside: SetAside | None = None,
+        probe: Probe | None = None,
     ) -> None:
         self.write = write
         self.set_aside = set_aside
+        self.probe = probe  # a write to the store that only fails when the store does
         self.delay = delay
         self.flush_records = FLUSH_RECORDS if in_process else SERVER_FLUSH_RECORDS
         self.max_batch_jobs = MAX_BATCH_JOBS if in_process else SERVER_MAX_BATCH_JOBS
@@ -182,6 +217,13 @@ class WriteLane:
         self._left(len(jobs))
         return jobs
 
+    async def stop(self) -> None:
+        """Stop the writer; what is still queued stays in the journal only."""
+        task = self.task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+
     def jobs(self, key: str | None = None) -> list[WriteJob]:
         keys = [key] if key is not None else list(self.queues)
         return [job for k in keys for job in self.queues.get(k, ())]
@@ -240,39 +282,60 @@ class WriteLane:
             if not down and len(jobs) > 1:  # find the bad one: each alone, at once
                 log_failure("storing a batch of memory failed; its exchanges are tried alone", exc)
                 return
-            if not down and jobs[0].failures >= MAX_ATTEMPTS:
-                await self._set_aside(key, queue, jobs[0], exc)
-                return
-            pause = min(RETRY_MAX, self.retry_at.get(key, (0.0, RETRY_FIRST / 2))[1] * 2)
-            if self.queues.get(key) is queue:  # (not dropped meanwhile)
-                self.retry_at[key] = (asyncio.get_running_loop().time() + pause, pause)
-            log_failure(
-                f"storing memory failed; {sum(len(q) for q in self.queues.values())} exchanges "
-                f"wait and are retried (next in {pause:.1f} s), the journal keeps them",
-                exc,
-                level=logging.ERROR,
-            )
+            # the cause, if it fails alone while the store takes other writes
+            suspect = not down and jobs[0].failures >= MAX_ATTEMPTS
+            if suspect and await self._store_takes_writes():
+                kept = await self._set_aside(key, queue, jobs[0], exc)
+                if kept:
+                    return
+            self._retry_later(key, queue, exc)
             return
         self.retry_at.pop(key, None)
         self._remove(key, queue, jobs)
 
-    async def _set_aside(
-        self, key: str, queue: deque[WriteJob], job: WriteJob, exc: BaseException
-    ) -> None:
-        """A job that keeps failing with the store up: out of the way of its scope."""
+    def _retry_later(self, key: str, queue: deque[WriteJob], exc: BaseException) -> None:
+        pause = min(RETRY_MAX, self.retry_at.get(key, (0.0, RETRY_FIRST / 2))[1] * 2)
+        if self.queues.get(key) is queue:  # (not dropped meanwhile)
+            self.retry_at[key] = (asyncio.get_running_loop().time() + pause, pause)
         log_failure(
-            f"an exchange (trace id {job.trace_id}) failed to be stored {job.failures} times; "
-            "it is set aside in the dead-letter file and its scope goes on",
+            f"storing memory failed; {sum(len(q) for q in self.queues.values())} exchanges "
+            f"wait and are retried (next in {pause:.1f} s), the journal keeps them",
             exc,
             level=logging.ERROR,
         )
+
+    async def _store_takes_writes(self) -> bool:
+        """Whether the store accepts a write now (then a job failing alone is the cause)."""
+        if self.probe is None:
+            return True
+        try:
+            await self.probe()
+        except Exception as exc:
+            log_failure("the store refuses a probe write: it is treated as down", exc)
+            return False
+        return True
+
+    async def _set_aside(
+        self, key: str, queue: deque[WriteJob], job: WriteJob, exc: BaseException
+    ) -> bool:
+        """A job that keeps failing alone while the store takes writes: out of the
+        way of its scope. False (the job stays queued) if it could not be kept."""
         if self.set_aside is not None:
             try:
                 await self.set_aside(job, exc)
             except Exception as error:
-                log_failure("cannot write the dead-letter file; the exchange is dropped", error)
+                log_failure("cannot write the dead-letter file; the exchange stays queued", error)
+                return False
+        log_failure(
+            f"an exchange (trace id {job.trace_id}) failed to be stored {job.failures} times "
+            "while the store took other writes; it is set aside in the dead-letter file and "
+            "its scope goes on",
+            exc,
+            level=logging.ERROR,
+        )
         self.retry_at.pop(key, None)
         self._remove(key, queue, [job])
+        return True
 
     def _remove(self, key: str, queue: deque[WriteJob], jobs: list[WriteJob]) -> None:
         removed = 0

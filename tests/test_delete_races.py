@@ -18,13 +18,22 @@ import pytest
 
 from reservoir_middleware import Reservoir, hookimpl
 from reservoir_middleware.context import RetrievalQuery
-from reservoir_middleware.journal import Journal, _read_entries
+from reservoir_middleware.journal import Journal, JournalEntry, _read_entries
 from reservoir_middleware.store import MemoryStore
 from tests.conftest import GatewayFactory, make_settings
 from tests.test_deletion import files_holding
 from tests.upstream import Reply
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def read_entries(path: Path) -> list[JournalEntry]:
+    """What a replay of the file would read now."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _read_entries(path, fd)
+    finally:
+        os.close(fd)
 
 
 def exchange(partition: str, text: str, began: float | None = None) -> dict[str, Any]:
@@ -76,7 +85,7 @@ def test_append_and_done_do_not_wait_for_a_purge(tmp_path: Path) -> None:
     path = journal._current.path
     raw = path.read_bytes()
     assert b"gone" not in raw
-    entries = _read_entries(path)  # what a crash now would replay
+    entries = read_entries(path)  # what a crash now would replay
     assert [e.data["records"][0]["text"] for e in entries] == ["appended during the purge"]
     # the file that took the name is locked by its owner: nobody can adopt it
     fd = os.open(path, os.O_RDONLY)
@@ -86,7 +95,7 @@ def test_append_and_done_do_not_wait_for_a_purge(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     journal.append(exchange("stays", "after the purge"))  # goes to the new file
-    assert [e.data["records"][0]["text"] for e in _read_entries(path)][-1] == "after the purge"
+    assert [e.data["records"][0]["text"] for e in read_entries(path)][-1] == "after the purge"
 
 
 async def test_a_delete_leaves_a_live_process_journal_alone_and_replay_drops_it(

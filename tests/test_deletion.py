@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from reservoir_middleware import Reservoir
+from reservoir_middleware.builtins import scrub
 from reservoir_middleware.journal import Journal
-from tests.conftest import make_settings
+from tests.conftest import GatewayFactory, make_settings
 
 
 def files_holding(directory: Path, marker: bytes) -> list[Path]:
@@ -84,3 +89,55 @@ async def test_a_crash_then_delete_then_restart_does_not_bring_the_scope_back(
         assert await again.recent("x", "i") == []
     finally:
         await again.close()
+
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")  # readers go on, no other writer
+print("locked", flush=True)
+sys.stdin.read()
+db.execute("ROLLBACK")
+"""
+
+
+@contextlib.contextmanager
+def write_lock_held(database: Path) -> Iterator[None]:
+    """Another process holds the database's write lock for the block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE_LOCK, str(database)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.communicate(timeout=30)
+
+
+async def test_a_delete_that_cannot_erase_the_text_says_so_and_keeps_the_scope(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scrub, "ERASE_BUSY_S", 0.5, raising=False)  # not a minute
+    admin = {"x-reservoir-admin-key": "adm-secret-1"}
+    marker = f"zebra-{secrets.token_hex(6)}"
+    async with gateway_factory(admin_key="adm-secret-1") as gw:
+        text = f"my code word is {marker}"
+        await gw.reservoir.add("p", "i", [{"role": "user", "content": text}])
+        assert [r.text for r in await gw.stored()] == [text]
+        database = gw.reservoir.settings.data_dir / "chroma.sqlite3"
+        with write_lock_held(database):
+            response = await gw.http.delete(f"{gw.base()}/memory", headers=admin)
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["type"] == "delete_failed"
+        assert "cannot be erased" in error["message"]
+        assert [r.text for r in await gw.stored()] == [text]  # not deleted
+        with write_lock_held(database), pytest.raises(RuntimeError, match="cannot be erased"):
+            await gw.reservoir.delete("p", "i")
+        response = await gw.http.delete(f"{gw.base()}/memory", headers=admin)  # once it can
+        assert response.json() == {"deleted": 1}
+        assert await gw.stored() == []
+        assert files_holding(gw.reservoir.settings.data_dir, marker.encode()) == []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +19,7 @@ import openai
 
 from reservoir_middleware import MessageRecord, hookimpl
 from reservoir_middleware.answer import MAX_ANSWER_CHARS
+from reservoir_middleware.deadletter import DeadLetters
 from reservoir_middleware.writes import MAX_ATTEMPTS
 from tests.conftest import GatewayFactory
 from tests.upstream import Reply, sse, stream_chunks
@@ -190,3 +193,56 @@ async def test_a_streamed_answer_over_the_cap_reaches_the_client_whole_and_is_st
                 if event.choices and event.choices[0].delta.content:
                     text.append(event.choices[0].delta.content)
         assert "".join(text) == piece * pieces
+
+
+def _journal_open(data_dir: Path, trace: str) -> bool:
+    """Whether the journal still holds the exchange (an entry not marked done)."""
+    lines = [
+        json.loads(line)
+        for file in (data_dir / "journal").glob("*.jsonl")
+        for line in file.read_text().splitlines()
+    ]
+    entries = {p["entry"] for p in lines if "entry" in p and p.get("trace_id") == trace}
+    return bool(entries - {p["done"] for p in lines if "done" in p})
+
+
+async def test_a_dead_letter_file_that_cannot_be_written_keeps_the_exchange_queued(
+    gateway_factory: GatewayFactory,
+) -> None:
+    async with gateway_factory(plugins=(PoisonRecords(),)) as gw:
+        path = gw.reservoir.dead_letters.path
+        response = await gw.chat([{"role": "user", "content": "POISON kept"}])
+        trace = response.headers["x-reservoir-trace-id"]
+        path.mkdir()  # not a file: appending to it fails (it is tried after 8 s)
+        lane = gw.reservoir._lane()
+        for _ in range(200):  # about 8 s of tries before it would be set aside
+            job = next(iter(lane.jobs()), None)
+            if job is not None and job.failures >= MAX_ATTEMPTS:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert [job.trace_id for job in lane.jobs()] == [trace]  # still queued
+        assert _journal_open(gw.reservoir.settings.data_dir, trace)  # and journalled
+        path.rmdir()
+        for _ in range(100):
+            await gw.reservoir.settle()  # retried now
+            if not lane.jobs():
+                break
+            await asyncio.sleep(0.1)
+        assert gw.reservoir.dead_letters.count() == 1
+        (letter,) = [json.loads(line) for line in path.read_text().splitlines()]
+        assert letter["trace_id"] == trace
+        assert not _journal_open(gw.reservoir.settings.data_dir, trace)
+
+
+def test_a_job_set_aside_after_its_scope_was_deleted_is_not_written(tmp_path: Path) -> None:
+    letters = DeadLetters(tmp_path)
+    data = {"scope": ["p", "i"], "trace_id": "t", "records": [], "answer": None}
+    queued = time.monotonic()  # the job was queued, then its scope deleted
+    letters.purge("p", "i")
+    assert letters.add(data, ValueError("bad"), 5, queued) is False
+    letters.purge("q")  # a whole partition
+    assert letters.add({**data, "scope": ["q", "x"]}, ValueError("bad"), 5, queued) is False
+    assert letters.count() == 0
+    assert letters.add(data, ValueError("bad"), 5, time.monotonic()) is True  # queued after
+    assert letters.count() == 1

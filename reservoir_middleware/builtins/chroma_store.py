@@ -29,9 +29,10 @@ from ..private import NewEntries, secure_data_dir
 from ..records import MessageRecord, Scope
 from ..store import EmbeddingMismatch
 from .mirror import Loader, shared_mirror
-from .scrub import scrub, segment_ids
+from .scrub import erase, remove_segments
 
 COLLECTION_PREFIX = "rsv-"
+PROBE_COLLECTION = "reservoir-probe"  # no scope's (not `rsv-`): one vector, no text
 RECENT_CACHE = 256  # messages per scope kept in memory (embedded mode)
 FALLBACK_BATCH = 1000  # records per upsert when the client cannot tell its limit
 _RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
@@ -315,6 +316,11 @@ class ChromaStore:
         if self.single_writer:
             self._mirror.add(name, records, embeddings)
 
+    def probe(self) -> None:
+        """Write one fixed vector, no text: fails only when the store refuses writes."""
+        col = self.client.get_or_create_collection(PROBE_COLLECTION, embedding_function=None)
+        col.upsert(ids=["probe"], embeddings=[[1.0]], metadatas=[{"at": time.time()}])
+
     def max_batch(self) -> int:
         """Records the store takes in one call (Chroma's limit, asked once per client)."""
         client = self.client
@@ -329,16 +335,15 @@ class ChromaStore:
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
+        """Delete the scope's collection; embedded, its text is erased from the disk
+        first (`scrub.erase`); if that fails, the collection stays and this raises."""
         self.forget(scope)
-        segments: list[str] = []
         with contextlib.suppress(NotFoundError):
             col = self.client.get_collection(collection_name(scope), embedding_function=None)
-            if self.chroma_url is None:
-                segments = segment_ids(self.data_dir, str(col.id))
+            segments = erase(self.data_dir, str(col.id)) if self.chroma_url is None else []
             self.client.delete_collection(collection_name(scope))
+            remove_segments(self.data_dir, segments)
         self.forget(scope)
-        if self.chroma_url is None:  # no text left in free pages or index files
-            scrub(self.data_dir, segments)
 
     # -- reads -----------------------------------------------------------------
 

@@ -1,67 +1,124 @@
 """Leave no text of a deleted collection on disk (embedded Chroma).
 
-Chroma deletes a collection's rows, but SQLite keeps them in free pages and
-the collection's vector-index directory (`<data_dir>/<segment id>/`) may stay
-behind. Chroma's own connection (also in the child server) cannot be told to
-`secure_delete`, so after the delete the file is vacuumed from a connection
-of our own (it works beside Chroma's when no write is open; busy is retried).
+Chroma deletes a collection's rows from connections that cannot be told to
+`secure_delete` (its SQLite is built without it), so the text would stay in
+freed space of `chroma.sqlite3`. So before Chroma deletes the collection, a
+connection of ours with `secure_delete` on deletes the collection's rows
+(documents, metadata, full-text index, queued writes), which zeroes their
+bytes, and zeroes the file's free pages (what Chroma freed earlier); then
+its vector-index directory is removed. The cost follows the size of the
+collection and of the free pages, not of everything stored (no VACUUM).
+
+Our connection runs in a short child process: two SQLite libraries in one
+process (Python's and Chroma's) do not see each other's file locks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import shutil
-import sqlite3
-import time
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
-logger = logging.getLogger("reservoir")
-VACUUM_TRIES = 20
-VACUUM_PAUSE_S = 0.1
+from ..private import PRIVATE_UMASK
+
+ERASE_TIMEOUT_S = 120.0
+ERASE_BUSY_S = 60.0  # how long the erase waits for a write lock held by someone else
+CHUNK = 16 << 20  # bytes of zeros per row when overwriting free pages
 
 
-def segment_ids(data_dir: Path, collection_id: str) -> list[str]:
-    """The segments (index directories) of a collection, before it is deleted."""
+class NotErased(RuntimeError):
+    """The text could not be erased from the disk, so the collection was not deleted."""
+
+
+ERASE = r"""
+import sqlite3, sys
+
+path, collection = sys.argv[1], sys.argv[2]
+chunk, busy = int(sys.argv[3]), float(sys.argv[4])
+db = sqlite3.connect(path, timeout=busy, isolation_level=None)
+db.execute("PRAGMA secure_delete = ON")
+db.execute("BEGIN IMMEDIATE")
+try:
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    rows = db.execute("SELECT id FROM segments WHERE collection = ?", (collection,))
+    segments = [row[0] for row in rows]
+    # what Chroma freed earlier: overwrite the free pages with zeros
+    db.execute("DROP TABLE IF EXISTS rsv_erase")
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    if free:
+        usable = db.execute("PRAGMA page_size").fetchone()[0] - 4
+        db.execute("CREATE TABLE rsv_erase(b BLOB)")
+        left = free * usable
+        while left > 0:
+            db.execute("INSERT INTO rsv_erase VALUES (zeroblob(?))", (min(left, chunk),))
+            left -= chunk
+        db.execute("DROP TABLE rsv_erase")
+    # the collection's rows, zeroed as they are deleted
+    ids = (
+        "SELECT id FROM embeddings WHERE segment_id IN "
+        "(SELECT id FROM segments WHERE collection = :c)"
+    )
+    if "embedding_fulltext_search" in tables:
+        fts = "embedding_fulltext_search"
+        db.execute(f"DELETE FROM {fts} WHERE rowid IN ({ids})", {"c": collection})
+    for table in ("embedding_metadata", "embedding_metadata_array"):
+        if table in tables:
+            db.execute(f"DELETE FROM {table} WHERE id IN ({ids})", {"c": collection})
+    db.execute(
+        "DELETE FROM embeddings WHERE segment_id IN "
+        "(SELECT id FROM segments WHERE collection = :c)",
+        {"c": collection},
+    )
+    if "embeddings_queue" in tables:  # topic: persistent://<tenant>/<database>/<collection>
+        db.execute(
+            "DELETE FROM embeddings_queue WHERE substr(topic, -length(:c)) = :c",
+            {"c": collection},
+        )
+    db.execute(
+        "UPDATE collection_metadata SET str_value = '' WHERE collection_id = :c "
+        "AND key IN ('partition', 'instance')",
+        {"c": collection},
+    )
+    db.execute("COMMIT")
+except BaseException:
+    db.execute("ROLLBACK")
+    raise
+db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+print("\n".join(segments))
+"""
+
+
+def erase(data_dir: Path, collection_id: str) -> list[str]:
+    """Zero the collection's rows and the file's free pages; raises NotErased.
+    Returns the collection's segments (their index directories go next)."""
     path = data_dir / "chroma.sqlite3"
     if not path.is_file():
         return []
+    command = [sys.executable, "-I", "-S", "-c", ERASE, str(path), collection_id]
+    command += [str(CHUNK), str(ERASE_BUSY_S)]
     try:
-        with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
-            rows = db.execute("SELECT id FROM segments WHERE collection = ?", (collection_id,))
-            return [str(row[0]) for row in rows]
-    except sqlite3.Error as exc:
-        logger.warning("cannot list the segments of a deleted collection: %s", exc)
-        return []
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=ERASE_TIMEOUT_S,
+            umask=PRIVATE_UMASK,  # its rollback journal holds the text until the commit
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NotErased(f"not deleted: its text cannot be erased from {path}: {exc}") from exc
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise NotErased(f"not deleted: its text cannot be erased from {path}: {reason}")
+    return done.stdout.split()
 
 
-def scrub(data_dir: Path, segments: list[str]) -> None:
-    """Remove the segments' directories and vacuum the database."""
+def remove_segments(data_dir: Path, segments: list[str]) -> None:
+    """Remove the deleted collection's index directories."""
     for segment in segments:
         with contextlib.suppress(ValueError):
             folder = data_dir / str(uuid.UUID(segment))  # never a path of someone else's
             if folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
-    vacuum(data_dir / "chroma.sqlite3")
-
-
-def vacuum(path: Path) -> bool:
-    """Rewrite the database without its free pages (deleted text); False if it stayed busy."""
-    if not path.is_file():
-        return True
-    for _ in range(VACUUM_TRIES):
-        try:
-            with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
-                db.execute("PRAGMA secure_delete = ON")
-                db.execute("VACUUM")
-                with contextlib.suppress(sqlite3.Error):  # WAL mode: fold the log in
-                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            return True
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                logger.error("cannot vacuum %s after a delete: %s", path, exc)
-                return False
-            time.sleep(VACUUM_PAUSE_S)
-    logger.error("cannot vacuum %s after a delete: the database stayed busy", path)
-    return False
