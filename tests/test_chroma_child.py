@@ -131,9 +131,9 @@ async def test_a_killed_child_is_started_again_and_memory_goes_on(tmp_path: Path
     second = server._proc.pid
     enriched = await engine.enrich("p", "i", {"messages": [{"role": "user", "content": "boat?"}]})
     assert "Marlin" in str(enriched.body)
-    await engine.close()
+    await engine.close()  # stores the enriched question first
     assert await gone({second})
-    assert count_inline(tmp_path / "memory", Scope("p", "i")) == 2
+    assert count_inline(tmp_path / "memory", Scope("p", "i")) == 3  # once each
 
 
 async def test_the_child_embeds_like_this_process(tmp_path: Path) -> None:

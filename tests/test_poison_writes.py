@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import openai
 from reservoir_middleware import MessageRecord, hookimpl
 from reservoir_middleware.answer import MAX_ANSWER_CHARS
 from reservoir_middleware.deadletter import DeadLetters
+from reservoir_middleware.deletions import now
 from reservoir_middleware.writes import MAX_ATTEMPTS
 from tests.conftest import GatewayFactory
 from tests.upstream import Reply, sse, stream_chunks
@@ -238,11 +238,11 @@ async def test_a_dead_letter_file_that_cannot_be_written_keeps_the_exchange_queu
 def test_a_job_set_aside_after_its_scope_was_deleted_is_not_written(tmp_path: Path) -> None:
     letters = DeadLetters(tmp_path)
     data = {"scope": ["p", "i"], "trace_id": "t", "records": [], "answer": None}
-    queued = time.monotonic()  # the job was queued, then its scope deleted
+    queued = now()  # the job began, then its scope was deleted
     letters.purge("p", "i")
     assert letters.add(data, ValueError("bad"), 5, queued) is False
     letters.purge("q")  # a whole partition
     assert letters.add({**data, "scope": ["q", "x"]}, ValueError("bad"), 5, queued) is False
     assert letters.count() == 0
-    assert letters.add(data, ValueError("bad"), 5, time.monotonic()) is True  # queued after
+    assert letters.add(data, ValueError("bad"), 5, now()) is True  # began after
     assert letters.count() == 1
