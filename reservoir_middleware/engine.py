@@ -33,7 +33,7 @@ from .deadletter import DeadLetters
 from .deletions import Deletion, Deletions, entry_began, now
 from .embeddings import MiniLMEmbedding, make_embedding_function
 from .journal import Journal
-from .logs import log_failure
+from .logs import current_trace, log_failure
 from .plugins import Hooks, PluginFailure, make_plugin_manager
 from .private import private_dirs, tighten_tree
 from .records import (
@@ -218,6 +218,7 @@ class Reservoir:
         messages = chat_messages(new_body)
         model = new_body.get("model") if isinstance(new_body.get("model"), str) else None
         trace_id = uuid.uuid4().hex
+        current_trace.set(trace_id)  # for the logs of this request
         result = Enrichment(scope, new_body, trace_id, failures=list(rewrite.failures))
         result.began = began
         limit = self.limits.input_limit(model, new_body)

@@ -31,6 +31,9 @@ from .routes import ChatRoute, InvalidName, match_chat_route
 from .settings import ReservoirSettings
 
 DEGRADED = (STATUS_HEADER, b"degraded")
+# Set in every scope the wrapped app is given: a second ReservoirMiddleware further
+# in (added twice) passes it straight through instead of enriching and storing again.
+HANDLED = "reservoir.handled"
 SHUTDOWN_WRITE_SECONDS = 10.0
 
 
@@ -55,8 +58,11 @@ class ReservoirMiddleware:
         self.admin_keys = KeySet([self.settings.admin_key, self.reservoir.settings.admin_key])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get(HANDLED):  # an outer copy of this middleware does the work
+            await self.app(scope, receive, send)
+            return
         if scope["type"] == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive), send)
+            await self.app({**scope, HANDLED: True}, self._lifespan_receive(receive), send)
             return
         if scope["type"] != "http":
             await self.app(self._for_the_app(scope), receive, send)
@@ -95,11 +101,14 @@ class ReservoirMiddleware:
         await exchange.run(receive, send)
 
     def _for_the_app(self, scope: Scope) -> Scope:
-        """The scope without our own headers (partition, instance and keys are read by now)."""
+        """The scope without our own headers (partition, instance and keys are read by
+        now), marked as handled."""
         if scope["type"] not in ("http", "websocket"):
-            return scope
+            return {**scope, HANDLED: True}
         kept = app_headers(scope.get("headers") or [], self.admin_keys)
-        return scope if kept is None else {**scope, "headers": kept}
+        return (
+            {**scope, HANDLED: True} if kept is None else {**scope, "headers": kept, HANDLED: True}
+        )
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         """Pass lifespan events through; warm the model up while the app starts."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .deletions import now
-from .logs import log_failure
+from .logs import current_trace, log_failure
 from .records import MessageRecord, Scope
 
 if TYPE_CHECKING:
@@ -271,6 +271,7 @@ class WriteLane:
         queue = self.queues[key]
         # a job that failed with the store up is tried alone: only it may be set aside
         jobs = [queue[0]] if queue[0].failures else list(queue)[: self.max_batch_jobs]
+        current_trace.set(jobs[0].trace_id)  # (this task's own context) for the logs
         try:
             await self.write(jobs[0].scope, jobs)
         except Exception as exc:
