@@ -204,19 +204,6 @@ class WriteLane:
                 self.retry_at.pop(each, None)
         self.wake.set()
 
-    def drop(self, key: str) -> list[WriteJob]:
-        """Forget what is queued for a scope (it is being deleted)."""
-        queue = self.queues.pop(key, None)
-        self.retry_at.pop(key, None)
-        self.urgent.discard(key)
-        jobs = list(queue or ())
-        for job in jobs:
-            self.queued -= job.size
-            if not job.future.done():
-                job.future.set_result(None)
-        self._left(len(jobs))
-        return jobs
-
     async def stop(self) -> None:
         """Stop the writer; what is still queued stays in the journal only."""
         task = self.task

@@ -14,7 +14,7 @@ from reservoir_middleware import hookimpl
 from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE, Candidate, RetrievalQuery
 from reservoir_middleware.store import MemoryStore
 from reservoir_middleware.tokens import count_message, count_messages
-from tests.conftest import GatewayFactory, make_settings
+from tests.conftest import Gateway, GatewayFactory, make_settings
 
 TINY = {"tiny": 1000}  # window 1000, reserve min(1024, 1000 // 4) = 250 -> 750 prompt tokens
 SENTENCE = "The quick brown fox jumps over the lazy dog near the old mill by the river. "
@@ -49,26 +49,37 @@ async def test_too_long_message_gets_a_length_reply_and_nothing_stored(
         assert await gw.stored() == []
 
 
+async def remember(gw: Gateway) -> None:
+    """Twelve short facts and their acknowledgements in scope p/i."""
+    for n in range(12):
+        await gw.reservoir.add(
+            "p",
+            "i",
+            [
+                {"role": "user", "content": f"Memory number {n}: {SENTENCE}"},
+                {"role": "assistant", "content": f"Noted fact {n}."},
+            ],
+        )
+
+
+def long_history() -> list[dict[str, Any]]:
+    """Ten long turns a client re-sends: too many for a small window."""
+    turns: list[dict[str, Any]] = []
+    for n in range(10):
+        turns += [
+            {"role": "user", "content": f"Old question {n}: {SENTENCE * 4}"},
+            {"role": "assistant", "content": f"Old answer {n}."},
+        ]
+    return turns
+
+
 async def test_truncation_keeps_system_and_last_message_under_a_small_limit(
     gateway_factory: GatewayFactory,
 ) -> None:
     async with gateway_factory(model_limits=TINY) as gw:
-        for n in range(12):
-            await gw.reservoir.add(
-                "p",
-                "i",
-                [
-                    {"role": "user", "content": f"Memory number {n}: {SENTENCE}"},
-                    {"role": "assistant", "content": f"Noted fact {n}."},
-                ],
-            )
+        await remember(gw)
         system = {"role": "system", "content": "You are a careful assistant."}
-        turns: list[dict[str, Any]] = []
-        for n in range(10):
-            turns += [
-                {"role": "user", "content": f"Old question {n}: {SENTENCE * 4}"},
-                {"role": "assistant", "content": f"Old answer {n}."},
-            ]
+        turns = long_history()
         last = {"role": "user", "content": "And what about the fox?"}
         response = await gw.chat([system, *turns, last], model="tiny")
         assert response.status_code == 200

@@ -14,33 +14,10 @@ from typing import Any
 from reservoir_middleware.context import RECENT_NOTE
 from reservoir_middleware.tokens import count_messages
 from tests.conftest import Gateway, GatewayFactory
+from tests.test_budget_and_faults import TINY, long_history, remember
 from tests.upstream import Reply
 
-TINY = {"tiny": 1000}  # window 1000 -> 750 prompt tokens
-SENTENCE = "The quick brown fox jumps over the lazy dog near the old mill by the river. "
 STATUS = "x-reservoir-status"
-
-
-async def remember(gw: Gateway) -> None:
-    for n in range(12):
-        await gw.reservoir.add(
-            "p",
-            "i",
-            [
-                {"role": "user", "content": f"Memory number {n}: {SENTENCE}"},
-                {"role": "assistant", "content": f"Noted fact {n}."},
-            ],
-        )
-
-
-def long_history() -> list[dict[str, Any]]:
-    turns: list[dict[str, Any]] = []
-    for n in range(10):
-        turns += [
-            {"role": "user", "content": f"Old question {n}: {SENTENCE * 4}"},
-            {"role": "assistant", "content": f"Old answer {n}."},
-        ]
-    return turns
 
 
 async def post_raw(gw: Gateway, body: dict[str, Any]) -> Any:
