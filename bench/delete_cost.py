@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reservoir_middleware.builtins.chroma_store import ChromaStore, collection_name
 from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.storage.chroma import ChromaStore, collection_name
 
 DIM = 384
 FILL_SCOPE = 1000

@@ -80,10 +80,10 @@ from reservoir_middleware.context import (
     RetrievalQuery,
     TokenBudget,
 )
+from reservoir_middleware.memory.keywords import terms
+from reservoir_middleware.memory.tokens import count_message
 from reservoir_middleware.records import chained_id
-from reservoir_middleware.search import terms
 from reservoir_middleware.store import MemoryStore
-from reservoir_middleware.tokens import count_message
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET_DIR = ROOT.parent / "shared" / "datasets" / "locomo"

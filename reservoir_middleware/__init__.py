@@ -4,12 +4,12 @@ from reservoir_middleware import ReservoirMiddleware
 app.add_middleware(ReservoirMiddleware)
 """
 
-from . import hookspecs
-from .engine import Enrichment, Reservoir, SearchHit, TooLong
-from .hookspecs import hookimpl
-from .middleware import ReservoirMiddleware
-from .records import MessageRecord, Scope
-from .settings import ReservoirSettings
+from reservoir_middleware import hookspecs
+from reservoir_middleware.asgi.middleware import ReservoirMiddleware
+from reservoir_middleware.engine import Enrichment, Reservoir, SearchHit, TooLong
+from reservoir_middleware.hookspecs import hookimpl
+from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.settings import ReservoirSettings
 
 __all__ = [
     "Enrichment",

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .records import MessageRecord, Scope, content_text
+from reservoir_middleware.records import MessageRecord, Scope, content_text
 
 Section = Literal["semantic", "recent"]
 

@@ -21,22 +21,47 @@ from typing import Any, Literal
 import anyio.to_thread
 import numpy as np
 
-from .answer import Answer
-from .builtins.chroma_store import ChromaStore
-from .builtins.lexical import LexicalRetrieval, keyword_search
-from .builtins.partition_keys import PartitionKeys
-from .builtins.retrieval import RecentRetrieval, SemanticRetrieval
-from .builtins.truncation import BudgetTruncation
-from .chroma_server import ChromaServerError
-from .context import ContextPlan, InjectedMessage, RetrievalQuery, SectionReport, TokenBudget
-from .deadletter import DeadLetters
-from .deletions import Deletion, Deletions, entry_began, now
-from .embeddings import MiniLMEmbedding, make_embedding_function
-from .journal import Journal
-from .logs import current_trace, log_failure
-from .plugins import Hooks, PluginFailure, make_plugin_manager
-from .private import private_dirs, tighten_tree
-from .records import (
+from reservoir_middleware._logs import current_trace, log_failure
+from reservoir_middleware._private import private_dirs, tighten_tree
+from reservoir_middleware.builtins.lexical import LexicalRetrieval, keyword_search
+from reservoir_middleware.builtins.partition_keys import PartitionKeys
+from reservoir_middleware.builtins.retrieval import RecentRetrieval, SemanticRetrieval
+from reservoir_middleware.builtins.truncation import BudgetTruncation
+from reservoir_middleware.context import (
+    ContextPlan,
+    InjectedMessage,
+    RetrievalQuery,
+    SectionReport,
+    TokenBudget,
+)
+from reservoir_middleware.memory._deadletter import DeadLetters
+from reservoir_middleware.memory._deletions import Deletion, Deletions, entry_began, now
+from reservoir_middleware.memory._journal import Journal
+from reservoir_middleware.memory._lane import WriteJob, WriteLane, lock_stripe, pending_futures
+from reservoir_middleware.memory._selection import (
+    Hit,
+    build_units,
+    fuse,
+    neighbour_ids,
+    recent_window,
+)
+from reservoir_middleware.memory.embeddings import MiniLMEmbedding, make_embedding_function
+from reservoir_middleware.memory.tokens import (
+    REPLY_PRIMING,
+    ModelLimits,
+    count_message,
+    warm_up_encodings,
+)
+from reservoir_middleware.memory.validation import (
+    STORED_ROLES,
+    BadRecord,
+    checked_name,
+    checked_scope,
+    record_from_dict,
+)
+from reservoir_middleware.plugins import Hooks, PluginFailure, make_plugin_manager
+from reservoir_middleware.records import (
+    Answer,
     MessageRecord,
     Scope,
     chained_id,
@@ -45,14 +70,11 @@ from .records import (
     content_text,
     message_text,
 )
-from .selection import Hit, build_units, fuse, neighbour_ids, recent_window
-from .settings import ReservoirSettings
-from .tokens import REPLY_PRIMING, ModelLimits, count_message, warm_up_encodings
-from .validation import STORED_ROLES, BadRecord, checked_name, checked_scope, record_from_dict
-from .writes import WriteJob, WriteLane, lock_stripe, pending_futures
+from reservoir_middleware.settings import ReservoirSettings
+from reservoir_middleware.storage.chroma import ChromaStore
+from reservoir_middleware.store import Storage
 
 logger = logging.getLogger("reservoir")
-CHILD_EMBED_MAX = 64  # texts per write embedded in the Chroma child; more (imports) here
 
 BACKPRESSURE_WAIT_S = 2.0
 SETTLE_POLL_S = 0.05  # the longest a request waits for a writer that fell behind
@@ -120,7 +142,7 @@ class Reservoir:
             api_key=s.embedding_api_key,
             threads=s.embedding_threads,
         )
-        self.store = ChromaStore(
+        self.store: Storage = ChromaStore(
             s.data_dir,
             s.chroma_url,
             self.embedding_model,
@@ -391,7 +413,7 @@ class Reservoir:
         before the store forgets the scope under its write lock, and every
         write checks that record under the same lock.
         """
-        await anyio.to_thread.run_sync(lambda: self.store.client)  # reachable (and ours)
+        await anyio.to_thread.run_sync(self.store.open)  # reachable (and ours)
         if instance is not None:
             scopes = [checked_scope(partition, instance)]
         else:
@@ -539,7 +561,7 @@ class Reservoir:
         if self.journal is not None:  # its files are 0600; its directory is private too
             directories = (self.settings.data_dir, self.journal.directory)
             await anyio.to_thread.run_sync(private_dirs, *directories)
-        await anyio.to_thread.run_sync(lambda: self.store.client)
+        await anyio.to_thread.run_sync(self.store.open)
 
     async def _warm_up_engine(self) -> None:
         """What requests need besides the store: a store that is down must not
@@ -674,15 +696,9 @@ class Reservoir:
         return await anyio.to_thread.run_sync(count_message, dict(message), model)
 
     def _embed_for_write(self, texts: list[str]) -> Sequence[Sequence[float] | np.ndarray]:
-        """In the child process when it embeds (at its lower priority, one
-        thread), else here; a bulk import here, with all our threads."""
-        server = self.store.server
-        if server is not None and server.embed_threads and len(texts) <= CHILD_EMBED_MAX:
-            try:
-                return server.embed(texts)
-            except ChromaServerError as exc:
-                log_failure("embedding in the memory's process failed; embedding here", exc)
-        return self.embedder(texts)
+        """By the store when it can (the child process), else here."""
+        vectors = self.store.embed(texts)
+        return vectors if vectors is not None else self.embedder(texts)
 
     async def _embed_one(self, text: str) -> list[float]:
         vectors = await anyio.to_thread.run_sync(self.embedder, [text])

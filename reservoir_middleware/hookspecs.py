@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import pluggy
 
 if TYPE_CHECKING:
-    from .context import Candidate, ContextPlan, RetrievalQuery, TokenBudget
-    from .records import MessageRecord, Scope
-    from .store import MemoryStore
+    from reservoir_middleware.context import Candidate, ContextPlan, RetrievalQuery, TokenBudget
+    from reservoir_middleware.records import MessageRecord, Scope
+    from reservoir_middleware.store import MemoryStore
 
 PROJECT = "reservoir"
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 import pluggy
 
-from . import hookspecs
-from .context import Candidate, ContextPlan, RetrievalQuery, TokenBudget
-from .logs import log_failure
-from .records import MessageRecord, Scope
+from reservoir_middleware import hookspecs
+from reservoir_middleware._logs import log_failure
+from reservoir_middleware.context import Candidate, ContextPlan, RetrievalQuery, TokenBudget
+from reservoir_middleware.records import MessageRecord, Scope
 
 if TYPE_CHECKING:
-    from .store import MemoryStore
+    from reservoir_middleware.store import MemoryStore
 
 
 ENTRY_POINT_GROUP = "reservoir"

@@ -237,3 +237,32 @@ def chained_id(scope: Scope, role: str, text: str, tool_calls: Any, prev_id: str
         digest.update(piece.encode("utf-8", "surrogatepass"))
         digest.update(b"\x1f")
     return digest.hexdigest()[:32]
+
+
+@dataclass
+class Answer:
+    """The assistant message as the client received it, plus what memory stores with it."""
+
+    content: str = ""
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    model: str | None = None
+    response_id: str | None = None
+    role: str | None = None
+    choices: int = 0
+    error: dict[str, Any] | str | None = None
+    done: bool = False  # saw `data: [DONE]`; for a JSON body: it parsed
+    overflowed: bool = False  # an event or the body exceeded its byte cap: only its start is read
+    capped: bool = False  # over a cap (characters, tool calls, bytes): only its start is here
+    cut: bool = False  # the stream ended early: no [DONE] nor finish_reason, mid-event, mid-call
+
+    @property
+    def incomplete(self) -> bool:
+        """Stored with `complete=false`: what is here is only the answer's start."""
+        return self.capped or self.cut
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.content and not self.refusal and not self.tool_calls

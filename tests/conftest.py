@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware, ReservoirSettings
-from reservoir_middleware.demo import served
+from reservoir_middleware.cli._demo import served
 from tests.upstream import Upstream
 
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request, WebSocket
 from openai import AsyncOpenAI
 
 from reservoir_middleware import ReservoirMiddleware
-from reservoir_middleware.gateway import create_app
+from reservoir_middleware.gateway.app import create_app
 from tests.conftest import GatewayFactory, make_settings, serve
 from tests.upstream import Upstream
 

@@ -81,7 +81,7 @@ async def test_admin_endpoints(
 
 
 async def test_admin_key_passes_the_gateway_keys_of_reservoir_serve(tmp_path: Path) -> None:
-    from reservoir_middleware.gateway import create_app
+    from reservoir_middleware.gateway.app import create_app
 
     settings = make_settings(tmp_path, api_keys=["client-key"], admin_key="adm-secret-1")
     async with serve(create_app(settings)) as url, httpx.AsyncClient(timeout=10) as http:

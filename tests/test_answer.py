@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reservoir_middleware.answer import (
+from reservoir_middleware.asgi._answer import (
     Answer,
     JsonAssembler,
     StreamAssembler,

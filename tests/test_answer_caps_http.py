@@ -15,7 +15,11 @@ from openai import AsyncOpenAI
 from starlette.types import Receive, Scope, Send
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware
-from reservoir_middleware.answer import DEFAULT_MAX_BODY_BYTES, MAX_ANSWER_CHARS, MAX_TOOL_CALLS
+from reservoir_middleware.asgi._answer import (
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_ANSWER_CHARS,
+    MAX_TOOL_CALLS,
+)
 from tests.conftest import make_settings, serve
 
 MiB = 1024 * 1024

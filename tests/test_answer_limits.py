@@ -8,14 +8,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reservoir_middleware.answer import (
+from reservoir_middleware.asgi._answer import (
     MAX_ANSWER_CHARS,
     MAX_TOOL_CALLS,
     JsonAssembler,
     StreamAssembler,
 )
-from reservoir_middleware.partialjson import loads_prefix
-from reservoir_middleware.search import terms
+from reservoir_middleware.asgi._partialjson import loads_prefix
+from reservoir_middleware.memory.keywords import terms
 
 BASE = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
 

@@ -12,8 +12,8 @@ from openai import AsyncOpenAI
 
 from reservoir_middleware import hookimpl
 from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE, Candidate, RetrievalQuery
+from reservoir_middleware.memory.tokens import count_message, count_messages
 from reservoir_middleware.store import MemoryStore
-from reservoir_middleware.tokens import count_message, count_messages
 from tests.conftest import Gateway, GatewayFactory, make_settings
 
 TINY = {"tiny": 1000}  # window 1000, reserve min(1024, 1000 // 4) = 250 -> 750 prompt tokens

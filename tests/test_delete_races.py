@@ -18,7 +18,7 @@ import pytest
 
 from reservoir_middleware import Reservoir, hookimpl
 from reservoir_middleware.context import RetrievalQuery
-from reservoir_middleware.journal import Journal, JournalEntry, _read_entries
+from reservoir_middleware.memory._journal import Journal, JournalEntry, _read_entries
 from reservoir_middleware.store import MemoryStore
 from tests.conftest import GatewayFactory, make_settings
 from tests.test_deletion import files_holding
@@ -233,7 +233,7 @@ async def test_an_exchange_in_flight_during_a_delete_is_not_stored(
 
 
 def test_deletion_records_are_compacted_once_no_journal_can_be_older(tmp_path: Path) -> None:
-    from reservoir_middleware.deletions import KEEP_S, Deletions
+    from reservoir_middleware.memory._deletions import KEEP_S, Deletions
 
     old = time.time() - 2 * KEEP_S
     path = tmp_path / "deletions.jsonl"
@@ -262,7 +262,7 @@ def test_deletion_records_are_compacted_once_no_journal_can_be_older(tmp_path: P
 async def test_a_partition_delete_covers_exchanges_in_flight_and_queued(tmp_path: Path) -> None:
     """Deleting a whole partition also covers instances the store does not have yet:
     an exchange in flight and a queued write of them are not stored after it."""
-    from reservoir_middleware.answer import Answer
+    from reservoir_middleware.records import Answer
 
     marker = f"zebra-{secrets.token_hex(6)}"
     settings = make_settings(tmp_path, chroma_process="inline", write_delay_ms=60_000)

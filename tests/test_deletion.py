@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from reservoir_middleware import Reservoir
-from reservoir_middleware.builtins import scrub
-from reservoir_middleware.journal import Journal
+from reservoir_middleware.memory._journal import Journal
+from reservoir_middleware.storage import _scrub as scrub
 from tests.conftest import GatewayFactory, make_settings
 
 

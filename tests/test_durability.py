@@ -177,7 +177,7 @@ WRITER = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from reservoir_middleware import Reservoir, ReservoirSettings
-    from reservoir_middleware.answer import Answer
+    from reservoir_middleware.records import Answer
 
     async def main(worker, url, data, turns):
         r = Reservoir(ReservoirSettings(chroma_url=url, data_dir=Path(data), write_delay_ms=5))

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from chromadb.api.types import DefaultEmbeddingFunction, Documents, EmbeddingFunction, Embeddings
 
-from reservoir_middleware import embeddings as emb
-from reservoir_middleware.embeddings import (
+from reservoir_middleware.memory import embeddings as emb
+from reservoir_middleware.memory.embeddings import (
     EmbeddingRequestError,
     EmbeddingUnavailable,
     MiniLMEmbedding,
@@ -122,7 +122,7 @@ def refuse(*args, **kwargs):
     raise OSError("network disabled in this test")
 socket.socket.connect = refuse
 socket.create_connection = refuse
-from reservoir_middleware.embeddings import make_embedding_function
+from reservoir_middleware.memory.embeddings import make_embedding_function
 ef, name = make_embedding_function(None)
 vectors = ef(["offline works", ""])
 assert name == "all-MiniLM-L6-v2-int8", name

@@ -23,9 +23,9 @@ from reservoir_middleware.context import (
     MemoryUnit,
     TokenBudget,
 )
-from reservoir_middleware.search import stem, terms
-from reservoir_middleware.selection import RRF_K, fuse
-from reservoir_middleware.tokens import count_message
+from reservoir_middleware.memory._selection import RRF_K, fuse
+from reservoir_middleware.memory.keywords import stem, terms
+from reservoir_middleware.memory.tokens import count_message
 from tests.conftest import make_settings
 
 # Everyday messages, and one whose only link to the question is a rare word.

@@ -18,9 +18,9 @@ import pytest
 
 from reservoir_middleware import MessageRecord, Reservoir
 from reservoir_middleware.engine import exchange_data
-from reservoir_middleware.journal import Journal
+from reservoir_middleware.memory._journal import Journal
+from reservoir_middleware.memory._lane import WriteJob
 from reservoir_middleware.records import Scope, chained_id
-from reservoir_middleware.writes import WriteJob
 from tests.conftest import make_settings
 
 

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from reservoir_middleware.context import RECENT_NOTE
-from reservoir_middleware.tokens import count_messages
+from reservoir_middleware.memory.tokens import count_messages
 from tests.conftest import Gateway, GatewayFactory
 from tests.test_budget_and_faults import TINY, long_history, remember
 from tests.upstream import Reply

@@ -23,8 +23,8 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from reservoir_middleware import ReservoirSettings, Scope, hookimpl
-from reservoir_middleware.configfile import ConfigError, set_value
-from reservoir_middleware.gateway import create_app
+from reservoir_middleware.cli._configfile import ConfigError, set_value
+from reservoir_middleware.gateway.app import create_app
 from tests.conftest import Gateway, GatewayFactory, make_settings, serve
 from tests.upstream import Upstream
 

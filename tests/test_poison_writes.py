@@ -17,10 +17,10 @@ import httpx
 import openai
 
 from reservoir_middleware import MessageRecord, hookimpl
-from reservoir_middleware.answer import MAX_ANSWER_CHARS
-from reservoir_middleware.deadletter import DeadLetters
-from reservoir_middleware.deletions import now
-from reservoir_middleware.writes import MAX_ATTEMPTS
+from reservoir_middleware.asgi._answer import MAX_ANSWER_CHARS
+from reservoir_middleware.memory._deadletter import DeadLetters
+from reservoir_middleware.memory._deletions import now
+from reservoir_middleware.memory._lane import MAX_ATTEMPTS
 from tests.conftest import GatewayFactory
 from tests.upstream import Reply, sse, stream_chunks
 
@@ -146,7 +146,7 @@ async def test_a_job_the_store_keeps_refusing_is_set_aside_and_counted(
         ]
         entries = {p["entry"] for p in pending if "entry" in p and p.get("trace_id") == trace}
         assert entries <= {p["done"] for p in pending if "done" in p}
-        from reservoir_middleware import maintenance
+        from reservoir_middleware.storage import maintenance
 
         assert maintenance.stats(gw.reservoir)["dead_letters"] == 1
         await gw.reservoir.delete("p", "i")  # a deleted scope leaves nothing set aside

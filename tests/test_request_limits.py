@@ -6,7 +6,7 @@ from __future__ import annotations
 from openai import AsyncOpenAI
 
 from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE
-from reservoir_middleware.tokens import count_message, count_messages
+from reservoir_middleware.memory.tokens import count_message, count_messages
 from tests.conftest import GatewayFactory
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the old mill by the river. "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reservoir_middleware import Reservoir
-from reservoir_middleware.routes import InvalidName
+from reservoir_middleware.memory.validation import InvalidName
 from tests.conftest import Gateway, make_settings
 
 BAD_NAMES = ["", ".", "..", "x" * 5000, "a\x00b", "new\nline", "lone \ud800"]

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from reservoir_middleware.gateway import create_app
-from reservoir_middleware.providers import normalize_base_url
+from reservoir_middleware.gateway.app import create_app
+from reservoir_middleware.gateway.providers import normalize_base_url
 from tests.conftest import free_port, make_settings, running, serve
 from tests.upstream import Reply, Upstream
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from reservoir_middleware.gateway import create_app
+from reservoir_middleware.gateway.app import create_app
 from tests.conftest import make_settings, serve
 
 

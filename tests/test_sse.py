@@ -7,7 +7,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reservoir_middleware.sse import SSEEvent, SSEReader
+from reservoir_middleware.asgi._sse import SSEEvent, SSEReader
 
 
 def parse(data: bytes, cuts: list[int] | None = None, cap: int = 1 << 22) -> list[SSEEvent]:

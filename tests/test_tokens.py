@@ -1,4 +1,4 @@
-"""Token counting and model limits (reservoir_middleware.tokens)."""
+"""Token counting and model limits (reservoir_middleware.memory.tokens)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 import tiktoken
 from tiktoken_ext import openai_public
 
-from reservoir_middleware import tokens
-from reservoir_middleware.tokens import (
+from reservoir_middleware.memory import tokens
+from reservoir_middleware.memory.tokens import (
     ModelLimits,
     count_message,
     count_messages,
@@ -170,7 +170,7 @@ def test_counting_works_with_network_blocked(tmp_path: Path) -> None:
             raise OSError("network blocked by test")
         socket.socket.connect = refuse
         socket.create_connection = refuse
-        from reservoir_middleware.tokens import count_text, count_messages
+        from reservoir_middleware.memory.tokens import count_text, count_messages
         print(count_text("hello world", "gpt-4o"), count_text("hello world", "gpt-4"),
               count_messages([{"role": "user", "content": "hi"}], "gpt-4o"),
               "litellm" in sys.modules)

@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import pytest
 from openai import AsyncOpenAI
 
-from reservoir_middleware.builtins.chroma_store import _close_client, collection_name
-from reservoir_middleware.datadir_lock import lock_data_dir
 from reservoir_middleware.records import Scope
+from reservoir_middleware.storage._datadir_lock import lock_data_dir
+from reservoir_middleware.storage.chroma import _close_client, collection_name
 from tests.conftest import GatewayFactory, free_port, running, serve
 from tests.upstream import Upstream
 

@@ -49,14 +49,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import gcfreeze
-from ..context import Candidate, RetrievalQuery
-from ..hookspecs import hookimpl
-from ..logs import log_failure
-from ..records import MessageRecord, Scope
-from ..search import terms
-from ..store import MemoryStore
-from .retrieval import reference
+from reservoir_middleware import _gcfreeze as gcfreeze
+from reservoir_middleware._logs import log_failure
+from reservoir_middleware.builtins.retrieval import reference
+from reservoir_middleware.context import Candidate, RetrievalQuery
+from reservoir_middleware.hookspecs import hookimpl
+from reservoir_middleware.memory.keywords import terms
+from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.store import MemoryStore
 
 K1 = 1.2
 B = 0.75

@@ -15,9 +15,9 @@ import hmac
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
-from ..hookspecs import hookimpl
-from ..keys import digest
-from ..records import Scope
+from reservoir_middleware._credentials import digest
+from reservoir_middleware.hookspecs import hookimpl
+from reservoir_middleware.records import Scope
 
 
 def grants(patterns: Sequence[str], partition: str) -> bool:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import anyio.to_thread
 
-from ..context import Candidate, RetrievalQuery
-from ..hookspecs import hookimpl
-from ..records import MessageRecord, Scope
-from ..store import MemoryStore
+from reservoir_middleware.context import Candidate, RetrievalQuery
+from reservoir_middleware.hookspecs import hookimpl
+from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.store import MemoryStore
 
 
 class SemanticRetrieval:

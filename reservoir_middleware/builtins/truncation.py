@@ -21,9 +21,9 @@ from typing import Any
 
 import anyio.to_thread
 
-from ..context import RECENT_NOTE, SEMANTIC_NOTE, ContextPlan, TokenBudget
-from ..hookspecs import hookimpl
-from ..records import MessageRecord
+from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE, ContextPlan, TokenBudget
+from reservoir_middleware.hookspecs import hookimpl
+from reservoir_middleware.records import MessageRecord
 
 SMALLEST_MESSAGE = 5  # tokens: with less room left, filling stops
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from reservoir_redact import Redaction, luhn
 
-from reservoir_middleware.transfer import export_lines
+from reservoir_middleware.storage.transfer import export_lines
 from tests.conftest import GatewayFactory
 
 # Fake, but in the exact shapes the detectors look for.

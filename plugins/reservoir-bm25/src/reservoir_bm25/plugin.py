@@ -37,9 +37,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from reservoir_middleware import MessageRecord, Scope, hookimpl
+from reservoir_middleware._private import private_dir, private_file, tighten_tree
 from reservoir_middleware.context import Candidate, RetrievalQuery
-from reservoir_middleware.private import private_dir, private_file, tighten_tree
-from reservoir_middleware.search import STOP_WORDS as CORE_STOP_WORDS
+from reservoir_middleware.memory.keywords import STOP_WORDS as CORE_STOP_WORDS
 from reservoir_middleware.store import MemoryStore
 
 SCHEMA = 1

@@ -48,8 +48,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from reservoir_middleware import MessageRecord, Scope, hookimpl
+from reservoir_middleware._private import private_dir, private_file
 from reservoir_middleware.context import ContextPlan, MemoryUnit, TokenBudget
-from reservoir_middleware.private import private_dir, private_file
 
 _builtin_truncate: Callable[[ContextPlan, TokenBudget], ContextPlan] | None
 try:  # what the next truncation (the built-in) will keep; see `_predict`

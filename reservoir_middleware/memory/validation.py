@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-from .records import MessageRecord, Scope
-from .routes import InvalidName, check_name
+from reservoir_middleware.records import MessageRecord, Scope
 
 STORED_ROLES = ("user", "assistant", "tool")  # system prompts are not memory
 MAX_ID_LENGTH = 256
+MAX_NAME_LENGTH = 256
 # 9999-12-31T23:59:59Z: the last second `datetime` (and so `view`, `search`) can show
 MAX_TIMESTAMP = 253_402_300_799.0
 
@@ -43,8 +43,26 @@ OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
 _FIELDS = frozenset(f.name for f in fields(MessageRecord))
 
 
+class InvalidName(ValueError):
+    """A partition or instance name the middleware refuses (answered with 400)."""
+
+
 class BadRecord(ValueError):
     """A record (an imported line, a journalled message) that is not stored."""
+
+
+def check_name(kind: str, name: str) -> str:
+    """Names are free text, but not empty, not huge, no control characters,
+    and not a path step (`.`/`..`)."""
+    if not name:
+        raise InvalidName(f"{kind} name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"{kind} name is longer than {MAX_NAME_LENGTH} characters")
+    if name in (".", ".."):
+        raise InvalidName(f"{kind} name {name!r} is not allowed")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
+        raise InvalidName(f"{kind} name contains control characters")
+    return name
 
 
 def checked_name(kind: str, name: Any) -> str:

@@ -19,12 +19,13 @@ from urllib.parse import parse_qs
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .engine import Reservoir
-from .keys import KeySet
-from .records import Scope as MemoryScope
-from .replies import send_error
-from .routes import InvalidName, decode_name, normalised
-from .transfer import export_lines
+from reservoir_middleware._credentials import KeySet
+from reservoir_middleware.asgi._replies import send_error
+from reservoir_middleware.asgi._routes import decode_name, normalised
+from reservoir_middleware.engine import Reservoir
+from reservoir_middleware.memory.validation import InvalidName
+from reservoir_middleware.records import Scope as MemoryScope
+from reservoir_middleware.storage.transfer import export_lines
 
 _ADMIN = re.compile(
     r"^(?P<prefix>.*?)/v1/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .partialjson import utf8_prefix
+from reservoir_middleware.asgi._partialjson import utf8_prefix
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "SSEEvent", "SSEReader"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import tomli_w
 from pydantic import ValidationError
 
-from .settings import ReservoirSettings, config_file_path
+from reservoir_middleware.settings import ReservoirSettings, config_file_path
 
 if sys.version_info >= (3, 11):
     import tomllib

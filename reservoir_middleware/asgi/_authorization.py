@@ -23,10 +23,10 @@ from starlette.datastructures import Headers
 from starlette.types import Scope as AsgiScope
 from starlette.types import Send
 
-from .logs import log_failure
-from .plugins import Hooks, Verdict
-from .records import Scope
-from .replies import send_error
+from reservoir_middleware._logs import log_failure
+from reservoir_middleware.asgi._replies import send_error
+from reservoir_middleware.plugins import Hooks, Verdict
+from reservoir_middleware.records import Scope
 
 KEY_HEADER = b"x-reservoir-key"
 

@@ -11,13 +11,13 @@ is kept in the rewritten path.
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from reservoir_middleware.memory.validation import InvalidName, check_name
+
 DEFAULT = "default"
-MAX_NAME_LENGTH = 256
 PARTITION_HEADER = b"x-reservoir-partition"
 INSTANCE_HEADER = b"x-reservoir-instance"
 
@@ -55,10 +55,6 @@ def routes_to_chat(path: str) -> bool:
     return _CHAT_END.search(path) is not None
 
 
-class InvalidName(ValueError):
-    """A partition or instance name the middleware refuses (answered with 400)."""
-
-
 @dataclass(frozen=True)
 class ChatRoute:
     partition: str
@@ -68,20 +64,6 @@ class ChatRoute:
     @property
     def path(self) -> str:
         return unquote(self.raw_path.decode("latin-1"))
-
-
-def check_name(kind: str, name: str) -> str:
-    """Names are free text, but not empty, not huge, no control characters,
-    and not a path step (`.`/`..`)."""
-    if not name:
-        raise InvalidName(f"{kind} name is empty")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidName(f"{kind} name is longer than {MAX_NAME_LENGTH} characters")
-    if name in (".", ".."):
-        raise InvalidName(f"{kind} name {name!r} is not allowed")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
-        raise InvalidName(f"{kind} name contains control characters")
-    return name
 
 
 def decode_name(kind: str, segment: str) -> str:

@@ -22,7 +22,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from ..private import PRIVATE_UMASK
+from reservoir_middleware._private import PRIVATE_UMASK
 
 ERASE_TIMEOUT_S = 120.0
 ERASE_BUSY_S = 60.0  # how long the erase waits for a write lock held by someone else

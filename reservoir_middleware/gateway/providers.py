@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .settings import ReservoirSettings
+from reservoir_middleware.settings import ReservoirSettings
 
 MODEL_LIST_TTL = 600.0
 FAILURE_TTL = 30.0

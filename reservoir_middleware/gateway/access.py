@@ -9,11 +9,11 @@ from urllib.parse import quote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .admin import authorised, match_admin_route
-from .keys import KeySet, header_token
-from .replies import send_error
-from .routes import InvalidName
-from .settings import ReservoirSettings
+from reservoir_middleware._credentials import KeySet, header_token
+from reservoir_middleware.asgi._admin import authorised, match_admin_route
+from reservoir_middleware.asgi._replies import send_error
+from reservoir_middleware.memory.validation import InvalidName
+from reservoir_middleware.settings import ReservoirSettings
 
 OPEN_PATHS = frozenset({"/health"})
 

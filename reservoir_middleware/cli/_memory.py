@@ -19,11 +19,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import configfile, maintenance
-from .engine import Reservoir
-from .records import MessageRecord, Scope
-from .settings import ReservoirSettings, config_file_path
-from .transfer import export_lines, import_lines, numbered_lines
+from reservoir_middleware.cli import _configfile as configfile
+from reservoir_middleware.engine import Reservoir
+from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.settings import ReservoirSettings, config_file_path
+from reservoir_middleware.storage import maintenance
+from reservoir_middleware.storage.transfer import export_lines, import_lines, numbered_lines
 
 
 class Progress:

@@ -28,8 +28,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from .gateway import create_app
-from .settings import ProviderSettings, ReservoirSettings
+from reservoir_middleware.gateway.app import create_app
+from reservoir_middleware.settings import ProviderSettings, ReservoirSettings
 
 STANDIN_MODEL = "demo-standin"
 FIRST = "Hi! I'm Ada. I keep two beehives on my roof in Lyon and I'm learning the cello."

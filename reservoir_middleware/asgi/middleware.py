@@ -19,16 +19,22 @@ from urllib.parse import quote
 import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .admin import authorised, match_admin_route, serve_admin
-from .answer import JsonAssembler, StreamAssembler, make_assembler
-from .authorization import check_access
-from .engine import Enrichment, InvalidChatRequest, Reservoir
-from .keys import KeySet, app_headers
-from .logs import log_failure
-from .records import Scope as MemoryScope
-from .replies import STATUS_HEADER, TRACE_HEADER, send_error, send_too_long
-from .routes import ChatRoute, InvalidName, match_chat_route
-from .settings import ReservoirSettings
+from reservoir_middleware._credentials import KeySet, app_headers
+from reservoir_middleware._logs import log_failure
+from reservoir_middleware.asgi._admin import authorised, match_admin_route, serve_admin
+from reservoir_middleware.asgi._answer import JsonAssembler, StreamAssembler, make_assembler
+from reservoir_middleware.asgi._authorization import check_access
+from reservoir_middleware.asgi._replies import (
+    STATUS_HEADER,
+    TRACE_HEADER,
+    send_error,
+    send_too_long,
+)
+from reservoir_middleware.asgi._routes import ChatRoute, match_chat_route
+from reservoir_middleware.engine import Enrichment, InvalidChatRequest, Reservoir
+from reservoir_middleware.memory.validation import InvalidName
+from reservoir_middleware.records import Scope as MemoryScope
+from reservoir_middleware.settings import ReservoirSettings
 
 DEGRADED = (STATUS_HEADER, b"degraded")
 # Set in every scope the wrapped app is given: a second ReservoirMiddleware further

@@ -13,10 +13,15 @@ from typing import Any
 
 import anyio.to_thread
 
-from .builtins.chroma_store import COLLECTION_PREFIX, _record, collection_name
-from .embeddings import make_embedding_function
-from .engine import Reservoir, embedding_text
-from .records import MessageRecord, Scope
+from reservoir_middleware.engine import Reservoir, embedding_text
+from reservoir_middleware.memory.embeddings import make_embedding_function
+from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.storage.chroma import (
+    COLLECTION_PREFIX,
+    ChromaStore,
+    _record,
+    collection_name,
+)
 
 REPLAY_PREFIX = "rsvtmp-"  # not COLLECTION_PREFIX: an unfinished replay is not a scope
 PAGE = 256
@@ -96,7 +101,9 @@ def stats(reservoir: Reservoir) -> dict[str, Any]:
     store = reservoir.store
     rows = []
     for scope in store.scopes():
-        col = store.client.get_collection(collection_name(scope), embedding_function=None)
+        col = _chroma(reservoir).client.get_collection(
+            collection_name(scope), embedding_function=None
+        )
         rows.append(
             {
                 "partition": scope.partition,
@@ -133,7 +140,7 @@ async def replay(reservoir: Reservoir, spec: str, progress: Progress | None = No
         api_key=settings.embedding_api_key,
         threads=settings.embedding_threads,
     )
-    client = reservoir.store.client
+    client = _chroma(reservoir).client
     await anyio.to_thread.run_sync(_finish_swaps, client)
     done = 0
     for scope in await anyio.to_thread.run_sync(reservoir.store.scopes):
@@ -154,7 +161,7 @@ async def _replay_scope(
     reservoir: Reservoir, scope: Scope, embedder: Any, model: str, progress: Progress | None
 ) -> int:
     done = await anyio.to_thread.run_sync(
-        _copy_with_new_vectors, reservoir.store.client, scope, embedder, model, progress
+        _copy_with_new_vectors, _chroma(reservoir).client, scope, embedder, model, progress
     )
     reservoir.store.forget(scope)
     return done
@@ -208,7 +215,7 @@ def pages(
     reservoir: Reservoir, scope: Scope, *, embeddings: bool = False, size: int = PAGE
 ) -> Iterator[list[tuple[MessageRecord, list[float] | None]]]:
     """Every record of a scope, oldest first, a page at a time (blocking; use a thread)."""
-    col = reservoir.store.client.get_collection(collection_name(scope), embedding_function=None)
+    col = _chroma(reservoir).client.get_collection(collection_name(scope), embedding_function=None)
     include = ["documents", "metadatas", "embeddings"] if embeddings else ["documents", "metadatas"]
     rows: list[tuple[MessageRecord, list[float] | None]] = []
     offset = 0
@@ -226,3 +233,10 @@ def pages(
     rows.sort(key=lambda row: (row[0].seq, row[0].timestamp))
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
+
+
+def _chroma(reservoir: Reservoir) -> ChromaStore:
+    store = reservoir.store
+    if not isinstance(store, ChromaStore):
+        raise TypeError(f"this works on Chroma only, not on {type(store).__name__}")
+    return store

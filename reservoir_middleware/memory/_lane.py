@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .deletions import now
-from .logs import current_trace, log_failure
-from .records import MessageRecord, Scope
+from reservoir_middleware._logs import current_trace, log_failure
+from reservoir_middleware.memory._deletions import now
+from reservoir_middleware.records import MessageRecord, Scope
 
 if TYPE_CHECKING:
-    from .journal import JournalEntry
+    from reservoir_middleware.memory._journal import JournalEntry
 
 # Chroma in this process holds the interpreter while it writes, so its batches
 # stay small; a Chroma server (ours in a child process, or a shared one) does
@@ -101,7 +101,7 @@ def store_down(exc: BaseException) -> bool:
         VersionMismatchError,
     )
 
-    from .chroma_server import ChromaServerError
+    from reservoir_middleware.storage._child import ChromaServerError
 
     store_side = (
         OSError,  # a full disk too

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .context import Candidate, MemoryUnit
-from .records import MessageRecord, Scope
+from reservoir_middleware.context import Candidate, MemoryUnit
+from reservoir_middleware.records import MessageRecord, Scope
 
 RRF_K = 60
 

@@ -24,7 +24,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .private import private_dir, private_open
+from reservoir_middleware._private import private_dir, private_open
 
 LOCK_NAME = "reservoir.lock"
 

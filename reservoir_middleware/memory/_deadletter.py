@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .deletions import now
+from reservoir_middleware.memory._deletions import now
 
 FILE_NAME = "dead-letter.jsonl"
 DELETED_KEPT = 10_000  # deleted scopes remembered, so that a job set aside late is dropped

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import gcfreeze
-from ..logs import log_failure
-from ..records import MessageRecord
+from reservoir_middleware import _gcfreeze as gcfreeze
+from reservoir_middleware._logs import log_failure
+from reservoir_middleware.records import MessageRecord
 
 FIELDS = tuple(f.name for f in fields(MessageRecord))
 _SHARED = frozenset(

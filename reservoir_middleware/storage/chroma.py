@@ -23,17 +23,24 @@ from urllib.parse import urlsplit
 
 from chromadb.errors import NotFoundError
 
-from ..chroma_server import ChromaServer, release, shared_server
-from ..hookspecs import hookimpl
-from ..private import NewEntries, secure_data_dir
-from ..records import MessageRecord, Scope
-from ..store import EmbeddingMismatch
-from .mirror import Loader, shared_mirror
-from .scrub import erase, remove_segments
+from reservoir_middleware._logs import log_failure
+from reservoir_middleware._private import NewEntries, secure_data_dir
+from reservoir_middleware.hookspecs import hookimpl
+from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.storage._child import (
+    ChromaServer,
+    ChromaServerError,
+    release,
+    shared_server,
+)
+from reservoir_middleware.storage._mirror import Loader, shared_mirror
+from reservoir_middleware.storage._scrub import erase, remove_segments
+from reservoir_middleware.store import EmbeddingMismatch, Tail, Vectors
 
 COLLECTION_PREFIX = "rsv-"
 PROBE_COLLECTION = "reservoir-probe"  # no scope's (not `rsv-`): one vector, no text
 RECENT_CACHE = 256  # messages per scope kept in memory (embedded mode)
+CHILD_EMBED_MAX = 64  # texts per write embedded in the child; more (imports): by the engine
 FALLBACK_BATCH = 1000  # records per upsert when the client cannot tell its limit
 _RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
 
@@ -77,7 +84,6 @@ def _records_in_order(result: Any) -> list[MessageRecord]:
 
 P = ParamSpec("P")
 T = TypeVar("T")
-Tail = tuple[int, MessageRecord | None, list[float] | None]
 
 
 def _retry_if_deleted(
@@ -110,7 +116,7 @@ def make_client(data_dir: Path, chroma_url: str | None) -> Any:
             ssl=url.scheme == "https",
             settings=settings,
         )
-    from ..datadir_lock import lock_data_dir
+    from reservoir_middleware.storage._datadir_lock import lock_data_dir
 
     secure_data_dir(data_dir)  # 0700, and what an older version left tightened
     lock_data_dir(data_dir)  # one process per directory, else DataDirInUse
@@ -198,7 +204,7 @@ class ChromaStore:
             if self.chroma_url is not None:
                 self._opened.append(client)
             return client
-        from ..datadir_lock import lock_data_dir
+        from reservoir_middleware.storage._datadir_lock import lock_data_dir
 
         secure_data_dir(self.data_dir)  # before the child opens it
         lock_data_dir(self.data_dir)  # the child is ours: no other process may open it
@@ -210,6 +216,22 @@ class ChromaStore:
     def server(self) -> ChromaServer | None:
         """The child process this store runs Chroma in, if any."""
         return self._server
+
+    def open(self) -> None:
+        """Connect (start the child in embedded mode); raises when unreachable."""
+        self.client  # noqa: B018 (connects)
+
+    def embed(self, texts: list[str]) -> Vectors | None:
+        """In the child process when it embeds (at its lower priority, one thread);
+        None for a bulk import, which the engine embeds with all its threads."""
+        server = self._server
+        if server is None or not server.embed_threads or len(texts) > CHILD_EMBED_MAX:
+            return None
+        try:
+            return server.embed(texts)
+        except ChromaServerError as exc:
+            log_failure("embedding in the memory's process failed; embedding here", exc)
+            return None
 
     def close(self) -> None:
         """Close the connections to a Chroma server, and stop the child Chroma

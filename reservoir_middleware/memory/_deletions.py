@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .private import private_dir, private_open
+from reservoir_middleware._private import private_dir, private_open
 
 FILE_NAME = "deletions.jsonl"
 KEEP_S = 24 * 3600.0  # the longest an exchange may be in flight before it is journalled

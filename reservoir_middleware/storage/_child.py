@@ -15,7 +15,7 @@ answers, mostly: about 8 ms of CPU each, more than the request path's whole
 budget), so that this work too runs at the lower priority; the query of a
 request is still embedded in this process, at once.
 
-Run as `python -m reservoir_middleware.chroma_server --path DIR --port N
+Run as `python -m reservoir_middleware.storage._child --path DIR --port N
 [--embed-fd FD --embed-threads N]`.
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from .private import PRIVATE_UMASK, private_open
+from reservoir_middleware._private import PRIVATE_UMASK, private_open
 
 logger = logging.getLogger("reservoir")
 
@@ -108,7 +108,7 @@ class ChromaServer:
         command = [
             sys.executable,
             "-m",
-            "reservoir_middleware.chroma_server",
+            "reservoir_middleware.storage._child",
             "--path",
             str(self.data_dir),
             "--port",
@@ -271,7 +271,7 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 
 def _serve_embeddings(sock: socket.socket, threads: int) -> None:
     """Answer embedding requests from the parent until it closes the socket."""
-    from .embeddings import MiniLMEmbedding
+    from reservoir_middleware.memory.embeddings import MiniLMEmbedding
 
     model = MiniLMEmbedding(threads=threads)
     model.load()

@@ -22,12 +22,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .access import AccessMiddleware
-from .engine import Reservoir
-from .keys import KeySet, header_token
-from .middleware import ReservoirMiddleware
-from .providers import Provider, Router
-from .settings import ReservoirSettings
+from reservoir_middleware._credentials import KeySet, header_token
+from reservoir_middleware.asgi.middleware import ReservoirMiddleware
+from reservoir_middleware.engine import Reservoir
+from reservoir_middleware.gateway.access import AccessMiddleware
+from reservoir_middleware.gateway.providers import Provider, Router
+from reservoir_middleware.settings import ReservoirSettings
 
 Observer = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 PASSED_RESPONSE_HEADERS = ("content-type", "cache-control", "x-request-id", "retry-after")

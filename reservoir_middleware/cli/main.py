@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .settings import ReservoirSettings
+from reservoir_middleware.settings import ReservoirSettings
 
 EPILOG = "Settings come from RSV_* variables and the config file; see the README."
 
@@ -211,8 +211,8 @@ def add_memory_commands(commands: Any) -> None:
 
 
 def config(args: argparse.Namespace) -> int:
-    from . import configfile
-    from .settings import config_file_path
+    from reservoir_middleware.cli import _configfile as configfile
+    from reservoir_middleware.settings import config_file_path
 
     if args.path:
         print(config_file_path())
@@ -239,8 +239,8 @@ def config(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .datadir_lock import DataDirInUse, lock_data_dir
-    from .gateway import create_app
+    from reservoir_middleware.gateway.app import create_app
+    from reservoir_middleware.storage._datadir_lock import DataDirInUse, lock_data_dir
 
     overrides: dict[str, Any] = {}
     if args.host:
@@ -304,7 +304,7 @@ def serve(args: argparse.Namespace) -> int:
         os.environ[f"RSV_{name.upper()}"] = str(value)
     print(f"reservoir: {settings.workers} worker processes", file=sys.stderr)
     uvicorn.run(
-        "reservoir_middleware.gateway:create_app",
+        "reservoir_middleware.gateway.app:create_app",
         factory=True,
         workers=settings.workers,
         host=settings.host,
@@ -338,15 +338,15 @@ def uvicorn_log_config(level: str) -> dict[str, Any]:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from reservoir_middleware.cli._demo import run_demo
 
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(run_demo(args.data_dir, offline=args.offline))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli_memory import COMMANDS
-    from .configfile import ConfigError
+    from reservoir_middleware.cli._configfile import ConfigError
+    from reservoir_middleware.cli._memory import COMMANDS
 
     args = build_parser().parse_args(argv)
     handlers = {"serve": serve, "demo": demo, "config": config}

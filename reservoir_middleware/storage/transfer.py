@@ -16,10 +16,10 @@ from typing import Any, TextIO
 
 import anyio.to_thread
 
-from .engine import Reservoir
-from .maintenance import import_records, pages
-from .records import MessageRecord, Scope
-from .validation import BadRecord, record_from_dict
+from reservoir_middleware.engine import Reservoir
+from reservoir_middleware.memory.validation import BadRecord, record_from_dict
+from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.storage.maintenance import import_records, pages
 
 BATCH = 256
 

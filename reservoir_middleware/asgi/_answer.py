@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from .partialjson import loads_prefix, utf8_prefix
-from .sse import SSEEvent, SSEReader
+from reservoir_middleware.asgi._partialjson import loads_prefix, utf8_prefix
+from reservoir_middleware.asgi._sse import SSEEvent, SSEReader
+from reservoir_middleware.records import Answer
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -53,35 +53,6 @@ MAX_EVENT_BYTES = MAX_ANSWER_CHARS + 64 * 1024
 MAX_TOOL_CALLS = 1024
 _INFLATE_STEP = 256 * 1024  # bounds what one compressed chunk may expand to at once
 _ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
-
-
-@dataclass
-class Answer:
-    """The assistant message as the client received it, plus what memory stores with it."""
-
-    content: str = ""
-    refusal: str | None = None
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    model: str | None = None
-    response_id: str | None = None
-    role: str | None = None
-    choices: int = 0
-    error: dict[str, Any] | str | None = None
-    done: bool = False  # saw `data: [DONE]`; for a JSON body: it parsed
-    overflowed: bool = False  # an event or the body exceeded its byte cap: only its start is read
-    capped: bool = False  # over a cap (characters, tool calls, bytes): only its start is here
-    cut: bool = False  # the stream ended early: no [DONE] nor finish_reason, mid-event, mid-call
-
-    @property
-    def incomplete(self) -> bool:
-        """Stored with `complete=false`: what is here is only the answer's start."""
-        return self.capped or self.cut
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.content and not self.refusal and not self.tool_calls
 
 
 def _str(value: object) -> str | None:

@@ -1,0 +1,1 @@
+"""The HTTP path: the ASGI middleware, its routes, replies, answer recording and admin endpoints."""

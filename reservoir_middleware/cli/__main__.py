@@ -1,0 +1,3 @@
+from reservoir_middleware.cli.main import main
+
+raise SystemExit(main())
