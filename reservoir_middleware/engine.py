@@ -132,8 +132,14 @@ class Reservoir:
     """Stores, searches and injects the memory of every (partition, instance)."""
 
     def __init__(
-        self, settings: ReservoirSettings | None = None, plugins: Sequence[object] = ()
+        self,
+        settings: ReservoirSettings | None = None,
+        plugins: Sequence[object] = (),
+        *,
+        store: Storage | None = None,
     ) -> None:
+        """`store`: another implementation of the `Storage` protocol than Chroma
+        (`storage.inmemory.InMemoryStore` for tests); it is registered as a plugin."""
         self.settings = settings or ReservoirSettings()
         s = self.settings
         self.embedder, self.embedding_model = make_embedding_function(
@@ -142,7 +148,7 @@ class Reservoir:
             api_key=s.embedding_api_key,
             threads=s.embedding_threads,
         )
-        self.store: Storage = ChromaStore(
+        self.store: Storage = store if store is not None else ChromaStore(
             s.data_dir,
             s.chroma_url,
             self.embedding_model,
@@ -151,7 +157,7 @@ class Reservoir:
             child_embeddings=isinstance(self.embedder, MiniLMEmbedding),
         )
         builtins: list[tuple[str, object]] = [
-            ("chroma-store", self.store),
+            (self.store.name, self.store),
             ("semantic", SemanticRetrieval()),
             ("lexical", LexicalRetrieval(max_messages=s.lexical_max_messages)),
             ("recent", RecentRetrieval()),
