@@ -148,13 +148,17 @@ class Reservoir:
             api_key=s.embedding_api_key,
             threads=s.embedding_threads,
         )
-        self.store: Storage = store if store is not None else ChromaStore(
-            s.data_dir,
-            s.chroma_url,
-            self.embedding_model,
-            chroma_process=s.chroma_process,
-            # the built-in model also runs in the child, for what is written
-            child_embeddings=isinstance(self.embedder, MiniLMEmbedding),
+        self.store: Storage = (
+            store
+            if store is not None
+            else ChromaStore(
+                s.data_dir,
+                s.chroma_url,
+                self.embedding_model,
+                chroma_process=s.chroma_process,
+                # the built-in model also runs in the child, for what is written
+                child_embeddings=isinstance(self.embedder, MiniLMEmbedding),
+            )
         )
         builtins: list[tuple[str, object]] = [
             (self.store.name, self.store),
