@@ -3,13 +3,11 @@
 Reads happen on the request path (embedding the query, searching, fetching
 the recent window); writes are queued per scope and run off the path, in
 order, so an answer is always stored after the request that asked for it and
-the next request of the scope waits for both.
-
-This class is the facade; each concern has its own object under `memory/`:
-the request path (`_request.RequestPath`, over `_chat.ChatRequest`), what an
-exchange writes (`_exchange.Exchanges`), where writes wait and who may write
-(`_writes.Writes`), the write path itself (`_writer.Writer`), and the journal
-of exchanges not stored yet with its replay (`_recovery.ExchangeJournal`).
+the next request of the scope waits for both. This is the facade over
+`memory/`: the request path (`_request`, over one parsed `_chat.ChatRequest`),
+what an exchange writes (`_exchange`), where writes wait and who may write
+(`_writes`), the write path (`_writer`), the journal's format and replay
+(`_recovery`).
 """
 
 from __future__ import annotations
@@ -23,19 +21,22 @@ from typing import Any, Literal
 import anyio.to_thread
 
 from reservoir_middleware._private import private_dirs, tighten_tree
-from reservoir_middleware.builtins.lexical import LexicalRetrieval, keyword_search
+from reservoir_middleware.builtins.lexical import LexicalRetrieval
 from reservoir_middleware.builtins.partition_keys import PartitionKeys
 from reservoir_middleware.builtins.retrieval import RecentRetrieval, SemanticRetrieval
 from reservoir_middleware.builtins.truncation import BudgetTruncation
-from reservoir_middleware.memory._chat import InvalidChatRequest
+from reservoir_middleware.memory._chat import InvalidChatRequest as InvalidChatRequest
 from reservoir_middleware.memory._deadletter import DeadLetters
 from reservoir_middleware.memory._deletions import Deletions, now
 from reservoir_middleware.memory._exchange import Exchanges
 from reservoir_middleware.memory._journal import Journal
 from reservoir_middleware.memory._lane import WriteJob, WriteLane
 from reservoir_middleware.memory._recovery import ExchangeJournal
-from reservoir_middleware.memory._request import Enrichment, RequestPath, TooLong
-from reservoir_middleware.memory._writer import Exported, Writer, embedding_text, message_records
+from reservoir_middleware.memory._request import Enrichment as Enrichment
+from reservoir_middleware.memory._request import RequestPath
+from reservoir_middleware.memory._request import TooLong as TooLong
+from reservoir_middleware.memory._writer import Exported, Writer, message_records
+from reservoir_middleware.memory._writer import embedding_text as embedding_text  # maintenance
 from reservoir_middleware.memory._writes import Writes
 from reservoir_middleware.memory.embeddings import (
     MiniLMEmbedding,
@@ -49,15 +50,6 @@ from reservoir_middleware.records import Answer, MessageRecord, Scope, clean_tex
 from reservoir_middleware.settings import ReservoirSettings
 from reservoir_middleware.storage.chroma import ChromaStore
 from reservoir_middleware.store import Storage
-
-__all__ = [
-    "Enrichment",
-    "InvalidChatRequest",
-    "Reservoir",
-    "SearchHit",
-    "TooLong",
-    "embedding_text",
-]
 
 CLOSE_WRITE_S = 10.0  # what close() gives the queued writes
 
@@ -135,14 +127,9 @@ class Reservoir:
             delay=s.write_delay_ms / 1000,
         )
         self._exchanges = Exchanges(self._writes, self._journal, self.deletions, self.hooks)
+        in_flight = self._writes.inflight.of
         self._requests = RequestPath(
-            s,
-            self.hooks,
-            self.store,
-            self.limits,
-            self.deletions,
-            self._embed_one,
-            self._writes.inflight.of,
+            s, self.hooks, self.store, self.limits, self.deletions, self._embed_one, in_flight
         )
         self._warm = False
         self._recovered = False
@@ -231,10 +218,9 @@ class Reservoir:
         ranked, outcome = await self.hooks.keyword_search(scope, query, limit, self.store)
         if ranked is None and outcome.failures:
             raise outcome.failures[0].error
-        if ranked is None:
-            ranked = await anyio.to_thread.run_sync(
-                keyword_search, LexicalRetrieval(), self.store, scope, query, limit
-            )
+        if ranked is None:  # (`lexical` blocked) a one-off index
+            one_off = LexicalRetrieval().reservoir_keyword_search
+            ranked = await anyio.to_thread.run_sync(one_off, scope, query, limit, self.store)
         return [SearchHit(r, score) for r, score in ranked]
 
     async def recent(

@@ -233,7 +233,13 @@ class LexicalRetrieval:
     def reservoir_keyword_search(
         self, scope: Scope, text: str, limit: int, store: MemoryStore
     ) -> list[tuple[MessageRecord, float]]:
-        return keyword_search(self, store, scope, text, limit)
+        """The scope's messages ranked by BM25, best first, with the index and
+        tokenizer the request path uses: the keyword search of the CLI and admin API."""
+        ranked = self.ranked(scope, store, terms(text), limit)
+        if not ranked:
+            return []
+        found = {r.id: r for r in store.get(scope, [id_ for id_, _ in ranked])}
+        return [(found[id_], score) for id_, score in ranked if id_ in found]
 
     # -- the indexes -------------------------------------------------------------------
 
@@ -388,16 +394,3 @@ def _read(store: MemoryStore, scope: Scope, min_seq: int | None) -> list[tuple[s
         out += page
         if len(page) < PAGE:
             return out
-
-
-def keyword_search(
-    lexical: LexicalRetrieval, store: MemoryStore, scope: Scope, query: str, limit: int
-) -> list[tuple[MessageRecord, float]]:
-    """The scope's messages ranked by BM25 for the query, best first, with the
-    index and tokenizer the request path uses (`lexical`'s index of the scope,
-    built now if need be): the keyword search of the CLI and admin API."""
-    ranked = lexical.ranked(scope, store, terms(query), limit)
-    if not ranked:
-        return []
-    found = {r.id: r for r in store.get(scope, [id_ for id_, _ in ranked])}
-    return [(found[id_], score) for id_, score in ranked if id_ in found]
