@@ -37,6 +37,10 @@ class ExchangeJournal:
         self.hooks = hooks
         self._journalling: set[asyncio.Task[None]] = set()
 
+    @property
+    def enabled(self) -> bool:
+        return self.journal is not None
+
     def keep(
         self, job: WriteJob, records: list[MessageRecord], answer: MessageRecord | None
     ) -> None:

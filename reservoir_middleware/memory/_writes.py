@@ -274,7 +274,7 @@ class Writes:
         for deletion in deletions:
             self.inflight.forget(deletion)
             self.hurry_deleted(deletion.partition, deletion.instance)
-        if self.journal.journal is not None and deletions:
+        if self.journal.enabled and deletions:
             self._in_background(anyio.to_thread.run_sync(self.journal.purge))
 
     def watch_deletions(self) -> None:
