@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from reservoir_middleware.records import MessageRecord, Scope, content_text
+
+if TYPE_CHECKING:
+    from reservoir_middleware.store import MemoryStore
 
 Section = Literal["semantic", "recent"]
 
@@ -54,6 +57,14 @@ class RetrievalQuery:
         `semantic_limit` plus room for those the core leaves out."""
         excluded = len(self.request_ids) + (self.recent_limit if self.recent_excluded else 0)
         return self.semantic_limit + excluded
+
+    def search_scopes(self, store: MemoryStore) -> list[Scope]:
+        """The scopes a semantic retriever searches: the query's own, or with
+        `semantic_scope="partition"` every scope of its partition (a store read
+        then: blocking, call it from a worker thread)."""
+        if self.semantic_scope == "partition":
+            return store.scopes(self.scope.partition) or [self.scope]
+        return [self.scope]
 
 
 @dataclass

@@ -87,6 +87,19 @@ def reservoir_store(
 
 
 @hookspec
+def reservoir_prefetch(query: RetrievalQuery, store: MemoryStore) -> Awaitable[None] | None:
+    """Start on a retrieval while the core embeds the query.
+
+    Called once per enrichment that has a query text, on every plugin, all at
+    once, before `reservoir_retrieve`: `query` is what that hook will see but
+    with `embedding=None`. Work that needs no embedding (a keyword index, a
+    read of another store) overlaps the embedding here; keep its answer and
+    return it from `reservoir_retrieve` for the same query. The core waits for
+    every implementation before retrieval. Return value is ignored.
+    """
+
+
+@hookspec
 def reservoir_retrieve(
     query: RetrievalQuery, store: MemoryStore
 ) -> list[Candidate] | Awaitable[list[Candidate] | None] | None:
@@ -121,6 +134,31 @@ def reservoir_delete(scope: Scope) -> Awaitable[None] | None:
 
     Called on every plugin so that indexes kept beside the store are removed
     too. Return value is ignored.
+    """
+
+
+@hookspec
+def reservoir_preload(scope: Scope, store: MemoryStore) -> Awaitable[None] | None:
+    """Load what a plugin keeps in memory for a scope now (`Reservoir.preload`).
+
+    Called on every plugin by `Reservoir.preload` (at start-up, for the
+    busiest scopes), after the store loaded its own copy of the scope, so
+    that the scope's first requests do not pay for it: build an in-memory
+    index from `store.documents` here. Return value is ignored.
+    """
+
+
+@hookspec(firstresult=True)
+def reservoir_keyword_search(
+    scope: Scope, text: str, limit: int, store: MemoryStore
+) -> list[tuple[MessageRecord, float]] | Awaitable[list[tuple[MessageRecord, float]] | None] | None:
+    """Rank a scope's messages for a keyword search (`Reservoir.search(...,
+    semantic=False)`: `reservoir search --keyword`, the admin `/memory/search`).
+
+    The first non-None result wins (the built-in `lexical` answers from its
+    BM25 index). Return at most `limit` (message, score) pairs, best first,
+    or None to leave it to the next plugin; when none answers, a BM25 index
+    of the scope is built for the call.
     """
 
 

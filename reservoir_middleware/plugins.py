@@ -107,6 +107,10 @@ class Hooks:
     def _impls(self, hook: str) -> list[Any]:
         return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
 
+    def implemented(self, hook: str) -> bool:
+        """Whether any plugin implements `hook` (work for nobody can be skipped)."""
+        return bool(getattr(self.pm.hook, hook).get_hookimpls())
+
     async def _call(self, hook: str, kwargs: dict[str, Any], *, first: bool = False) -> Outcome:
         outcome = Outcome()
         for impl in self._impls(hook):
@@ -169,18 +173,24 @@ class Hooks:
             "reservoir_store", {"scope": scope, "records": records, "embeddings": embeddings}
         )
 
-    async def retrieve(self, query: RetrievalQuery, store: MemoryStore) -> Outcome:
-        """All retrieval plugins at once: they are independent reads."""
-        hook = "reservoir_retrieve"
+    async def _gather(self, hook: str, kwargs: dict[str, Any]) -> Outcome:
+        """Every implementation at once (independent reads)."""
         outcome = Outcome()
         impls = self._impls(hook)
-        kwargs = {"query": query, "store": store}
         results = await asyncio.gather(*(self._invoke(i, hook, kwargs, outcome) for i in impls))
         outcome.results = [
             (impl.plugin_name, result)
             for impl, result in zip(impls, results, strict=True)
             if result is not None
         ]
+        return outcome
+
+    async def prefetch(self, query: RetrievalQuery, store: MemoryStore) -> Outcome:
+        return await self._gather("reservoir_prefetch", {"query": query, "store": store})
+
+    async def retrieve(self, query: RetrievalQuery, store: MemoryStore) -> Outcome:
+        """All retrieval plugins at once: they are independent reads."""
+        outcome = await self._gather("reservoir_retrieve", {"query": query, "store": store})
         outcome.results = [
             (name, [c for c in result if isinstance(c, Candidate)])
             for name, result in outcome.results
@@ -201,6 +211,20 @@ class Hooks:
 
     async def delete(self, scope: Scope) -> Outcome:
         return await self._call("reservoir_delete", {"scope": scope})
+
+    async def preload(self, scope: Scope, store: MemoryStore) -> Outcome:
+        return await self._call("reservoir_preload", {"scope": scope, "store": store})
+
+    async def keyword_search(
+        self, scope: Scope, text: str, limit: int, store: MemoryStore
+    ) -> tuple[list[tuple[MessageRecord, float]] | None, Outcome]:
+        """The first plugin's ranking (None: no plugin gave one)."""
+        kwargs = {"scope": scope, "text": text, "limit": limit, "store": store}
+        outcome = await self._call("reservoir_keyword_search", kwargs, first=True)
+        for _, result in outcome.results:
+            if isinstance(result, list):
+                return result, outcome
+        return None, outcome
 
     def describe(self) -> list[tuple[str, list[str]]]:
         """Each registered plugin with the hooks it implements."""

@@ -268,6 +268,9 @@ def test_every_hook_is_documented() -> None:
         "reservoir_truncate",
         "reservoir_delete",
         "reservoir_authorize",
+        "reservoir_prefetch",
+        "reservoir_preload",
+        "reservoir_keyword_search",
     }
     for name, doc in hooks.items():
         assert "Return" in doc or "return" in doc, name

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from reservoir_middleware import MessageRecord, Reservoir
-from reservoir_middleware.engine import exchange_data
 from reservoir_middleware.memory._journal import Journal
 from reservoir_middleware.memory._lane import WriteJob
+from reservoir_middleware.memory._recovery import exchange_data
 from reservoir_middleware.records import Scope, chained_id
 from tests.conftest import make_settings
 

@@ -176,10 +176,11 @@ class LexicalRetrieval:
                 return self._prefetched.pop(key)
         return self._candidates(query, store)
 
-    def prefetch(self, query: RetrievalQuery, store: MemoryStore) -> None:
-        """Score a query ahead (the engine does it while the query is embedded);
-        the hook then returns this answer instead of scoring again. A failure
-        is left for the hook to meet (and report, as a plugin failure)."""
+    @hookimpl
+    def reservoir_prefetch(self, query: RetrievalQuery, store: MemoryStore) -> None:
+        """Score a query ahead (while the core embeds it): BM25 needs no
+        embedding; `reservoir_retrieve` then returns this answer instead of
+        scoring again. A failure is left for that hook to meet (and report)."""
         try:
             found = self._candidates(query, store)
         except Exception:
@@ -194,11 +195,8 @@ class LexicalRetrieval:
         if query.semantic_limit <= 0 or not query_terms:
             return None
         want = query.semantic_depth
-        scopes = [query.scope]
-        if query.semantic_scope == "partition":
-            scopes = store.scopes(query.scope.partition) or scopes
         ranked: list[tuple[float, Scope, str]] = []
-        for scope in scopes:
+        for scope in query.search_scopes(store):
             index = self.index(scope, store)
             if index is not None:
                 ranked.extend((score, scope, id_) for id_, score in index.top(query_terms, want))
@@ -226,6 +224,22 @@ class LexicalRetrieval:
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
         self.forget(scope)
+
+    @hookimpl
+    def reservoir_preload(self, scope: Scope, store: MemoryStore) -> None:
+        self.preload(scope, store)
+
+    @hookimpl
+    def reservoir_keyword_search(
+        self, scope: Scope, text: str, limit: int, store: MemoryStore
+    ) -> list[tuple[MessageRecord, float]]:
+        """The scope's messages ranked by BM25, best first, with the index and
+        tokenizer the request path uses: the keyword search of the CLI and admin API."""
+        ranked = self.ranked(scope, store, terms(text), limit)
+        if not ranked:
+            return []
+        found = {r.id: r for r in store.get(scope, [id_ for id_, _ in ranked])}
+        return [(found[id_], score) for id_, score in ranked if id_ in found]
 
     # -- the indexes -------------------------------------------------------------------
 
@@ -380,16 +394,3 @@ def _read(store: MemoryStore, scope: Scope, min_seq: int | None) -> list[tuple[s
         out += page
         if len(page) < PAGE:
             return out
-
-
-def keyword_search(
-    lexical: LexicalRetrieval, store: MemoryStore, scope: Scope, query: str, limit: int
-) -> list[tuple[MessageRecord, float]]:
-    """The scope's messages ranked by BM25 for the query, best first, with the
-    index and tokenizer the request path uses (`lexical`'s index of the scope,
-    built now if need be): the keyword search of the CLI and admin API."""
-    ranked = lexical.ranked(scope, store, terms(query), limit)
-    if not ranked:
-        return []
-    found = {r.id: r for r in store.get(scope, [id_ for id_, _ in ranked])}
-    return [(found[id_], score) for id_, score in ranked if id_ in found]

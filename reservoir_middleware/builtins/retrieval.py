@@ -22,24 +22,20 @@ class SemanticRetrieval:
     name = "semantic"
 
     @hookimpl
-    async def reservoir_retrieve(
+    def reservoir_retrieve(
         self, query: RetrievalQuery, store: MemoryStore
     ) -> list[Candidate] | None:
+        # plain (called in a worker thread): every read of the store blocks
         if query.embedding is None or query.semantic_limit <= 0:
             return None
         want = query.semantic_depth
-        scopes = [query.scope]
-        if query.semantic_scope == "partition":
-            scopes = await anyio.to_thread.run_sync(store.scopes, query.scope.partition) or scopes
         embedding = query.embedding
-        candidates: list[Candidate] = []
-        for scope in scopes:
-            hits = await anyio.to_thread.run_sync(store.nearest, scope, embedding, want)
-            candidates.extend(
-                Candidate(reference(scope, id_), "semantic", similarity, self.name, False)
-                for id_, similarity in hits
-                if similarity >= query.min_similarity
-            )
+        candidates = [
+            Candidate(reference(scope, id_), "semantic", similarity, self.name, False)
+            for scope in query.search_scopes(store)
+            for id_, similarity in store.nearest(scope, embedding, want)
+            if similarity >= query.min_similarity
+        ]
         candidates.sort(key=lambda c: c.score, reverse=True)
         return candidates
 

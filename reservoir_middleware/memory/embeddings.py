@@ -434,3 +434,20 @@ def _ef_name(ef: EmbeddingFunction[Documents]) -> str:
         if isinstance(value, str) and value:
             return value
     return type(ef).__name__
+
+
+# -- vectors ---------------------------------------------------------------------------
+
+
+def as_floats(vector: Sequence[float] | np.ndarray) -> list[float]:
+    """A model's vector as Python floats (numpy's `tolist` is 30x faster than a loop)."""
+    if isinstance(vector, np.ndarray):
+        floats: list[float] = vector.tolist()
+        return floats
+    return [float(x) for x in vector]
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(x @ y) / norm if norm else 0.0

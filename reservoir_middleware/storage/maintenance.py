@@ -29,53 +29,6 @@ PAGE = 256
 Progress = Callable[[int], None]
 
 
-async def import_records(
-    reservoir: Reservoir, batch: Sequence[tuple[MessageRecord, list[float] | None]]
-) -> tuple[int, int]:
-    """Store exported records as they are (ids, links, times kept); returns
-    (written, already stored). Vectors are reused when they come from the
-    configured embedding model, else recomputed."""
-    by_scope: dict[Scope, list[tuple[MessageRecord, list[float] | None]]] = {}
-    for record, vector in batch:
-        by_scope.setdefault(record.scope, []).append((record, vector))
-    written = existing = 0
-    for scope, items in by_scope.items():
-        await reservoir.settle(scope, timeout=30)
-        async with reservoir._scope_lock(scope):
-            ids = [r.id for r, _ in items]
-            stored = await anyio.to_thread.run_sync(reservoir.store.existing_ids, scope, ids)
-            fresh: list[tuple[MessageRecord, list[float] | None]] = []
-            seen: set[str] = set()
-            for record, vector in sorted(items, key=lambda item: (item[0].seq, item[0].timestamp)):
-                if record.id in stored or record.id in seen:
-                    existing += 1
-                    continue
-                seen.add(record.id)
-                prepared, _ = await reservoir.hooks.prepare_record(record)
-                if prepared is not None:
-                    reuse = vector if record.embedding_model == reservoir.embedding_model else None
-                    fresh.append((prepared, reuse if prepared.text == record.text else None))
-            if not fresh:
-                continue
-            todo = [embedding_text(r) for r, v in fresh if v is None]
-            computed = iter(
-                await anyio.to_thread.run_sync(reservoir.embedder, todo) if todo else []
-            )
-            vectors = [v if v is not None else [float(x) for x in next(computed)] for _, v in fresh]
-            next_seq = (await anyio.to_thread.run_sync(reservoir.store.tail, scope))[0]
-            records = [r for r, _ in fresh]
-            for offset, record in enumerate(records):
-                record.seq = next_seq + offset
-                record.embedding_model = reservoir.embedding_model
-            outcome = await reservoir.hooks.store(scope, records, vectors)
-            for failure in outcome.failures:
-                if failure.plugin == reservoir.store.name:
-                    reservoir.store.forget(scope)
-                    raise failure.error
-            written += len(records)
-    return written, existing
-
-
 async def linked(reservoir: Reservoir, records: Sequence[MessageRecord]) -> list[MessageRecord]:
     """The synapse neighbours of `records` (consecutive messages similar enough to link)."""
     out: list[MessageRecord] = []

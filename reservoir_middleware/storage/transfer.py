@@ -19,7 +19,7 @@ import anyio.to_thread
 from reservoir_middleware.engine import Reservoir
 from reservoir_middleware.memory.validation import BadRecord, record_from_dict
 from reservoir_middleware.records import MessageRecord, Scope
-from reservoir_middleware.storage.maintenance import import_records, pages
+from reservoir_middleware.storage.maintenance import pages
 
 BATCH = 256
 
@@ -96,7 +96,7 @@ async def import_lines(
     batch: list[tuple[int, MessageRecord, list[float] | None]] = []
 
     async def store(items: list[tuple[int, MessageRecord, list[float] | None]]) -> None:
-        written, existing = await import_records(reservoir, [(r, v) for _, r, v in items])
+        written, existing = await reservoir.import_records([(r, v) for _, r, v in items])
         report.imported += written
         report.existing += existing
 

@@ -1,0 +1,306 @@
+"""The request path: a chat request parsed once, memory retrieved, the budget filled.
+
+`RequestPath` is built once per engine; each enrichment is an `_Enriching`
+(per call: the request, its query, its result). While the query is embedded
+the `reservoir_prefetch` plugins start on it; then every `reservoir_retrieve`
+plugin proposes candidates, the core fuses and reads them, pairs answers and
+synapse neighbours, and the `reservoir_truncate` plugin fits the plan to the
+token budget before it is rendered into the request's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio.to_thread
+
+from reservoir_middleware._logs import current_trace
+from reservoir_middleware.context import (
+    ContextPlan,
+    InjectedMessage,
+    RetrievalQuery,
+    SectionReport,
+    TokenBudget,
+)
+from reservoir_middleware.memory._chat import ChatRequest
+from reservoir_middleware.memory._deletions import Deletions
+from reservoir_middleware.memory._lane import WriteJob
+from reservoir_middleware.memory._selection import (
+    Hit,
+    build_units,
+    fuse,
+    neighbour_ids,
+    recent_window,
+)
+from reservoir_middleware.memory.tokens import (
+    REPLY_PRIMING,
+    ModelLimits,
+    count_message,
+    memoised_counter,
+)
+from reservoir_middleware.plugins import Hooks, PluginFailure
+from reservoir_middleware.records import MessageRecord, Scope, content_text
+from reservoir_middleware.settings import ReservoirSettings
+from reservoir_middleware.store import MemoryStore
+
+
+@dataclass(frozen=True)
+class TooLong:
+    tokens: int
+    limit: int
+
+    @property
+    def message(self) -> str:
+        return (
+            f"Your last message is too long. It contains approximately {self.tokens} tokens, "
+            f"which exceeds the maximum limit of {self.limit}. Please shorten your message."
+        )
+
+
+@dataclass
+class Pending:
+    """What the write side keeps of one enrichment until its answer (not public)."""
+
+    began: float = 0.0  # a delete of the scope after it: nothing of the exchange is stored
+    model: str | None = None
+    known: dict[str, list[float]] = field(default_factory=dict)  # text -> its embedding
+    visible: list[MessageRecord] = field(default_factory=list)  # shown while in flight
+    job: WriteJob | None = None  # with store=True: the queued write of the request
+    deleted: bool = False  # the scope was deleted while its memory was read
+
+
+@dataclass
+class Enrichment:
+    """A rewritten request and what went into it."""
+
+    scope: Scope
+    body: dict[str, Any]
+    trace_id: str
+    semantic: SectionReport = field(default_factory=SectionReport)
+    recent: SectionReport = field(default_factory=SectionReport)
+    too_long: TooLong | None = None
+    failures: list[PluginFailure] = field(default_factory=list)
+    changed: bool = False
+    records: list[MessageRecord] = field(default_factory=list)
+    _pending: Pending = field(default_factory=Pending, init=False, repr=False, compare=False)
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.failures)
+
+
+class RequestPath:
+    """Enriches chat requests: one per engine, an `_Enriching` per call."""
+
+    def __init__(
+        self,
+        settings: ReservoirSettings,
+        hooks: Hooks,
+        store: MemoryStore,
+        limits: ModelLimits,
+        deletions: Deletions,
+        embed: Callable[[str], Awaitable[list[float]]],
+        in_flight: Callable[[Scope], tuple[MessageRecord, ...]],
+    ) -> None:
+        self.settings = settings
+        self.hooks = hooks
+        self.store = store
+        self.limits = limits
+        self.deletions = deletions
+        self.embed = embed
+        self.in_flight = in_flight
+
+    async def enrich(self, scope: Scope, body: Mapping[str, Any], began: float) -> Enrichment:
+        """Raises InvalidChatRequest for a body without chat messages."""
+        new_body, rewrite = await self.hooks.rewrite_request(dict(body), scope)
+        request = ChatRequest.parse(scope, new_body, self.limits)
+        current_trace.set(request.trace_id)  # for the logs of this request
+        return await _Enriching(self, request, began, rewrite.failures).run()
+
+    def query(self, request: ChatRequest) -> RetrievalQuery:
+        """The question to the retrieval plugins, still without its embedding."""
+        s = self.settings
+        # With a memory budget, the hits fill it by rank: ask each retriever for
+        # `semantic_candidates`; without one, the top `semantic_context_size` are injected.
+        semantic_limit = s.semantic_context_size
+        if s.fill_budget and s.context_token_budget is not None and semantic_limit:
+            semantic_limit = max(semantic_limit, s.semantic_candidates)
+        return RetrievalQuery(
+            scope=request.scope,
+            text=request.query_text,
+            embedding=None,
+            request_ids=frozenset(r.id for r in request.records),
+            semantic_limit=semantic_limit,
+            recent_limit=s.recent_context_size,
+            min_similarity=s.min_similarity,
+            semantic_scope=s.semantic_scope,
+            body=request.body,
+            pending=self.in_flight(request.scope),
+            recent_excluded=s.context_token_budget is None,
+        )
+
+    def budget(self, model: str | None, limit: int) -> TokenBudget:
+        counter = memoised_counter(model)
+        return TokenBudget(
+            model=model,
+            input_limit=limit,
+            context_budget=self.settings.context_token_budget,
+            count_message=counter,
+            count_messages=lambda ms: sum(counter(m) for m in ms) + REPLY_PRIMING,
+            recent_share=self.settings.recent_budget_share,
+        )
+
+    async def resolve(self, hits: list[Hit]) -> list[Hit]:
+        """Read the messages behind references, one store read per scope; a
+        message the store no longer has is left out."""
+        wanted: dict[Scope, list[str]] = {}
+        for hit in hits:
+            if not hit.resolved:
+                wanted.setdefault(hit.record.scope, []).append(hit.record.id)
+        if not wanted:
+            return hits
+        found: dict[str, MessageRecord] = {}
+        for scope, ids in wanted.items():
+            records = await anyio.to_thread.run_sync(self.store.get, scope, ids)
+            found.update((r.id, r) for r in records)
+        return [
+            h if h.resolved else replace(h, record=found[h.record.id], resolved=True)
+            for h in hits
+            if h.resolved or h.record.id in found
+        ]
+
+
+class _Enriching:
+    """One enrichment in progress."""
+
+    def __init__(
+        self, path: RequestPath, request: ChatRequest, began: float, failures: list[PluginFailure]
+    ) -> None:
+        self.path = path
+        self.request = request
+        self.result = Enrichment(request.scope, request.body, request.trace_id)
+        self.result.failures = list(failures)
+        self.result._pending.began = began
+        self.result._pending.model = request.model
+
+    async def run(self) -> Enrichment:
+        path, request, result = self.path, self.request, self.result
+        if request.refuse_over is not None:
+            last_tokens = await _count(request.messages[-1], request.model)
+            if last_tokens > request.refuse_over:
+                result.too_long = TooLong(last_tokens, request.refuse_over)
+                return result
+        query = path.query(request)
+        text = request.query_text
+        # what needs no embedding (BM25) is scored while the query is embedded
+        early = None
+        if text and path.hooks.implemented("reservoir_prefetch"):
+            early = asyncio.ensure_future(path.hooks.prefetch(query, path.store))
+        embedding = await path.embed(text) if text else None
+        if early is not None:
+            await early
+        query = replace(query, embedding=embedding)
+        plan = await self._plan(query)
+        budget = path.budget(request.model, request.input_limit)
+        truncated, outcome = await path.hooks.truncate(plan, budget)
+        result.failures.extend(outcome.failures)
+        plan = truncated or plan
+        scope, pending = request.scope, result._pending
+        pending.deleted = path.deletions.covers(scope.partition, scope.instance, pending.began)
+        if pending.deleted:  # while its memory was read: what was read may be gone
+            plan = replace(plan, semantic=[], recent=[])
+        rendered, result.semantic, result.recent = await anyio.to_thread.run_sync(
+            _render_and_report, plan, budget
+        )
+        if result.semantic.messages or result.recent.messages or rendered != request.messages:
+            result.body = {**request.body, "messages": rendered}
+            result.changed = True
+        result.records = request.records
+        pending.known = {text: embedding} if embedding is not None else {}
+        return result
+
+    async def _plan(self, query: RetrievalQuery) -> ContextPlan:
+        s, store, request = self.path.settings, self.path.store, self.request
+        records = request.records
+        in_request = {r.id for r in records}
+        # the same words said again are not memory; an empty text (a tool call) says nothing
+        request_texts = {(r.role, r.text) for r in records if r.text}
+
+        def is_in_request(record: MessageRecord) -> bool:
+            return record.id in in_request or (record.role, record.text) in request_texts
+
+        fill = s.fill_budget and s.context_token_budget is not None
+        outcome = await self.path.hooks.retrieve(query, store)
+        self.result.failures.extend(outcome.failures)
+        recent = recent_window(outcome.results, s.recent_context_size, is_in_request)
+        # Under a budget the recent window may be cut (`recent_budget_share`), so its
+        # messages stay eligible as semantic memory; truncation injects each once.
+        recent_ids = {r.id for r in recent} if s.context_token_budget is None else set()
+
+        def excluded(record: MessageRecord) -> bool:
+            return is_in_request(record) or record.id in recent_ids
+
+        fused = fuse(outcome.results)
+        if not fill:  # enough for the count after what is left out
+            fused = fused[: query.semantic_depth]
+        hits = [h for h in await self.path.resolve(fused) if not excluded(h.record)]
+        if not fill:
+            hits = hits[: s.semantic_context_size]
+        neighbours: dict[str, MessageRecord] = {}
+        paired = hits[: s.semantic_context_size] if fill else hits  # bring their answers
+        if paired and (s.pair_answers or s.synapse_neighbours):
+            known = {h.record.id: h.record for h in hits}  # an answer is often a hit too
+            for hit_scope, ids in neighbour_ids(paired).items():
+                neighbours.update((i, known[i]) for i in ids if i in known)
+                missing = [i for i in ids if i not in known]
+                if missing:
+                    found = await anyio.to_thread.run_sync(store.get, hit_scope, missing)
+                    neighbours.update({r.id: r for r in found})
+        units = build_units(
+            hits,
+            neighbours,
+            pair_answers=s.pair_answers,
+            synapse_limit=s.synapse_neighbours,
+            excluded=excluded,
+            paired=s.semantic_context_size if fill else None,
+        )
+        lead = request.system_count
+        return ContextPlan(
+            system=request.messages[:lead],
+            semantic=units,
+            recent=recent,
+            conversation=request.messages[lead:],
+            merge_system=s.merge_system_messages,
+            instance=request.scope.instance,
+        )
+
+
+async def _count(message: Mapping[str, Any], model: str | None) -> int:
+    if len(content_text(message.get("content"))) < 2000:
+        return count_message(dict(message), model)
+    return await anyio.to_thread.run_sync(count_message, dict(message), model)
+
+
+def _render_and_report(
+    plan: ContextPlan, budget: TokenBudget
+) -> tuple[list[dict[str, Any]], SectionReport, SectionReport]:
+    sims = {u.hit_id: u.similarity for u in plan.semantic}
+    semantic = SectionReport(
+        [
+            InjectedMessage(
+                r.id, r.role, r.text, budget.count_message(r.to_message()), sims.get(r.id)
+            )
+            for unit in plan.semantic
+            for r in unit.records
+        ]
+    )
+    recent = SectionReport(
+        [
+            InjectedMessage(r.id, r.role, r.text, budget.count_message(r.to_message()))
+            for r in plan.recent
+        ]
+    )
+    return plan.render(), semantic, recent
