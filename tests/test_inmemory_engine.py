@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reservoir_middleware import MessageRecord, Scope
+from reservoir_middleware import MessageRecord, Scope, hookimpl
 from reservoir_middleware.records import Answer
 from reservoir_middleware.storage.inmemory import InMemoryStore
 from reservoir_middleware.store import EmbeddingMismatch
@@ -128,6 +128,43 @@ async def test_the_write_lane_keeps_request_order_and_batches_a_scope(tmp_path: 
         assert [r.seq for r in batch] == sorted(r.seq for r in batch)
     assert len(batches.batches) < 2 * len(texts)  # exchanges went together
     assert sum(len(b) for b in batches.batches) == 2 * len(texts)
+
+
+class Flaky(InMemoryStore):
+    """Down (as with a full disk) for its first `down` writes."""
+
+    def __init__(self, down: int) -> None:
+        super().__init__()
+        self.down = down
+        self.refused = 0
+
+    @hookimpl
+    def reservoir_store(
+        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+    ) -> None:
+        if self.refused < self.down:
+            self.refused += 1
+            raise OSError(28, "No space left on device")
+        super().reservoir_store(scope, records, embeddings)
+
+
+async def test_writes_the_store_refuses_wait_and_land_in_order(tmp_path: Path) -> None:
+    store = Flaky(down=3)
+    engine = memory_engine(tmp_path, store=store, write_delay_ms=0)
+    for text in ("first note", "second note", "third note"):
+        await engine.enrich("p", "i", chat(text))
+    for _ in range(40):  # each settle retries at once; it returns while the store fails
+        await engine.settle(timeout=5)
+        if store.count(Scope("p", "i")) == 3:
+            break
+    assert store.refused == 3
+    stored = await engine.recent("p", "i")
+    assert [(r.seq, r.text) for r in stored] == [
+        (0, "first note"),
+        (1, "second note"),
+        (2, "third note"),
+    ]
+    assert engine.dead_letters.count() == 0  # the store's fault: nothing set aside
 
 
 async def test_delete_forgets_a_scope_or_a_whole_partition(tmp_path: Path) -> None:
