@@ -78,6 +78,8 @@ async def test_the_engine_registers_it_and_maintenance_runs_on_it(tmp_path: Path
     store = InMemoryStore()
     engine = memory_engine(tmp_path, store=store)
     assert store.name in [name for name, _ in engine.hooks.describe()]
+    await engine.warm_up()
+    assert store.opened
     await engine.add("p", "i", messages())
     summary = stats_of(engine)
     assert summary["messages"] == 6 and summary["dead_letters"] == 0
@@ -99,3 +101,5 @@ async def test_the_engine_registers_it_and_maintenance_runs_on_it(tmp_path: Path
     assert [r.text for r in linked] == [budget + "!" if hits[0].record.text == budget else budget]
     done = await maintenance.replay(store, engine.settings, "minilm")
     assert done == 0  # already embedded with that model
+    await engine.close()
+    assert not store.opened

@@ -12,8 +12,8 @@ from typing import Any
 
 import anyio.to_thread
 
-from reservoir_middleware.engine import Reservoir, embedding_text
-from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.engine import Reservoir
+from reservoir_middleware.records import MessageRecord, Scope, embedding_text
 from reservoir_middleware.storage.transfer import BATCH, BadLine, ImportReport, parse_line
 
 

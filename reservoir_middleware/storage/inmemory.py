@@ -68,8 +68,7 @@ class InMemoryStore:
         self.embedding_model = embedding_model
         self._scopes: dict[Scope, _Scope] = {}
         self._lock = threading.Lock()
-        self.opened = False
-        self.probes = 0
+        self.opened = False  # between `open` and `close` (what a test may look at)
 
     # -- what the engine may count on ----------------------------------------------
 
@@ -91,7 +90,7 @@ class InMemoryStore:
         self.opened = False
 
     def probe(self) -> None:
-        self.probes += 1
+        """Memory always takes writes."""
 
     def embed(self, texts: list[str]) -> Vectors | None:
         return None  # no process of its own to embed in: the engine embeds
