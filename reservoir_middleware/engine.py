@@ -36,7 +36,6 @@ from reservoir_middleware.memory._request import Enrichment as Enrichment
 from reservoir_middleware.memory._request import RequestPath
 from reservoir_middleware.memory._request import TooLong as TooLong
 from reservoir_middleware.memory._writer import Exported, Writer, message_records
-from reservoir_middleware.memory._writer import embedding_text as embedding_text  # maintenance
 from reservoir_middleware.memory._writes import Writes
 from reservoir_middleware.memory.embeddings import (
     MiniLMEmbedding,

@@ -266,3 +266,10 @@ class Answer:
     @property
     def is_empty(self) -> bool:
         return not self.content and not self.refusal and not self.tool_calls
+
+
+def embedding_text(record: MessageRecord) -> str:
+    """The text a record's vector is made of: its message content (a tool call
+    shown as text), so that a replay gives the vectors the engine would."""
+    content = record.to_message().get("content")
+    return content if isinstance(content, str) else record.text

@@ -8,7 +8,8 @@ InMemoryStore` is a second one, for tests and for trying plugins without Chroma.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from reservoir_middleware.records import MessageRecord, Scope
@@ -21,9 +22,31 @@ if TYPE_CHECKING:
 Tail = tuple[int, MessageRecord | None, list[float] | None]
 # A page of records with their embeddings (None when not asked for).
 Page = list[tuple[MessageRecord, list[float] | None]]
-# What an embedding function returns: a vector per text (floats or a numpy array).
-Vectors = Sequence["Sequence[float] | NDArray[np.floating[Any]]"]
+# What an embedding function returns: a vector per text (floats or a numpy array;
+# Chroma types its functions as giving float32 or int32 arrays).
+Vectors = Sequence["Sequence[float] | NDArray[np.number[Any]]"]
 Embedder = Callable[[list[str]], Vectors]
+# Told how many more messages are done (a progress bar).
+Progress = Callable[[int], None]
+PAGE = 256  # records per page of `Storage.pages`, unless asked otherwise
+
+
+@dataclass(frozen=True)
+class ScopeStats:
+    """One scope as the store has it (`reservoir stats`)."""
+
+    scope: Scope
+    messages: int
+    # what its vectors were made with, as stored (a replay changes it); None: unknown
+    embedding_model: str | None
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a store keeps memory, for people: `reservoir stats` shows it."""
+
+    description: str  # e.g. "embedded Chroma in /var/lib/reservoir"
+    disk_bytes: int | None  # what it takes on this machine's disk; None: not here
 
 
 class EmbeddingMismatch(RuntimeError):
@@ -65,7 +88,8 @@ class MemoryStore(Protocol):
     def existing_ids(self, scope: Scope, ids: Sequence[str]) -> set[str]: ...
 
     def keyword(self, scope: Scope, terms: Sequence[str], limit: int) -> list[MessageRecord]:
-        """Messages that contain at least one of `terms` (unranked)."""
+        """Messages that contain at least one of `terms` as a case-sensitive
+        substring (Chroma's `$contains`), at most `limit`, unranked."""
         ...
 
     def scopes(self, partition: str | None = None) -> list[Scope]: ...
@@ -113,6 +137,18 @@ class Storage(MemoryStore, Protocol):
 
     # -- the write path -------------------------------------------------------------
 
+    def reservoir_store(
+        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+    ) -> None:
+        """The `reservoir_store` hook: write new messages of one scope, numbered
+        and linked by the engine, one embedding each (an id stored already is
+        replaced). Raising fails the write: it is kept and tried again."""
+        ...
+
+    def reservoir_delete(self, scope: Scope) -> None:
+        """The `reservoir_delete` hook: forget a scope for good; raising fails the delete."""
+        ...
+
     def tail(self, scope: Scope) -> Tail:
         """The next sequence number, the last message and its embedding."""
         ...
@@ -125,7 +161,38 @@ class Storage(MemoryStore, Protocol):
         """Drop what is cached of a scope (deleted, or found stale)."""
         ...
 
+    def unavailable(self, error: BaseException) -> bool:
+        """The failure is the store's (unreachable, busy, full), not the written
+        data's: the write is retried without end and the journal keeps it, where
+        a job that fails with the store up is set aside after a few tries."""
+        ...
+
     def embed(self, texts: list[str]) -> Vectors | None:
         """Embeddings of texts to write, when the store computes them more cheaply
         than the engine would (in its own process); None: the engine embeds."""
+        ...
+
+    # -- maintenance (off the request path: the CLI and the admin endpoints) -------
+
+    def pages(self, scope: Scope, *, embeddings: bool = False, size: int = PAGE) -> Iterator[Page]:
+        """Every record of a scope, oldest first (by seq), a page at a time: an
+        export or a copy does not hold a whole scope in memory twice."""
+        ...
+
+    def describe(self) -> Location:
+        """Where the memory lives and what it takes on disk."""
+        ...
+
+    def scope_stats(self) -> list[ScopeStats]:
+        """Every scope with its message count and the embedding model it was stored
+        with (which may differ from the configured one: then reads of it fail)."""
+        ...
+
+    def reembed(self, embedder: Embedder, model: str, progress: Progress | None = None) -> int:
+        """Give every scope not embedded with `model` new vectors from `embedder`
+        (the text of `records.embedding_text`); returns how many messages got them.
+
+        Resumable: an interruption leaves every scope readable with one model or
+        the other, and the next run finishes the work without redoing what was done.
+        """
         ...

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from reservoir_middleware import MessageRecord, Reservoir, hookimpl
+from reservoir_middleware.cli._transfer import import_lines
 from reservoir_middleware.memory.embeddings import MiniLMEmbedding
-from reservoir_middleware.storage.transfer import import_lines
 from tests.conftest import make_settings
 
 SCRIPT = str(Path(sys.executable).with_name("reservoir"))

@@ -146,9 +146,9 @@ async def test_a_job_the_store_keeps_refusing_is_set_aside_and_counted(
         ]
         entries = {p["entry"] for p in pending if "entry" in p and p.get("trace_id") == trace}
         assert entries <= {p["done"] for p in pending if "done" in p}
-        from reservoir_middleware.storage import maintenance
+        from reservoir_middleware.cli._memory import stats_of
 
-        assert maintenance.stats(gw.reservoir)["dead_letters"] == 1
+        assert stats_of(gw.reservoir)["dead_letters"] == 1
         await gw.reservoir.delete("p", "i")  # a deleted scope leaves nothing set aside
         assert gw.reservoir.dead_letters.count() == 0
         assert b"POISON pill" not in path.read_bytes()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware
-from reservoir_middleware.memory._lane import store_down
+from reservoir_middleware.storage.chroma import store_down
 from tests.conftest import make_settings, serve
 from tests.upstream import Upstream
 
@@ -105,7 +105,7 @@ CHROMA_ERRORS = """
 import resource, signal, sys
 import chromadb
 from chromadb.config import Settings
-from reservoir_middleware.memory._lane import store_down
+from reservoir_middleware.storage.chroma import store_down
 
 client = chromadb.PersistentClient(path=sys.argv[1], settings=Settings(anonymized_telemetry=False))
 col = client.get_or_create_collection("errors", embedding_function=None)

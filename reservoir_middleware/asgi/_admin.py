@@ -100,7 +100,7 @@ async def serve_admin(
             )
             response = JSONResponse({"messages": [r.to_dict() for r in records]})
         elif route.action == "export":
-            lines = export_lines(reservoir, [memory])
+            lines = export_lines(reservoir.store, [memory])
             response = StreamingResponse(_encoded(lines), media_type="application/x-ndjson")
         else:
             deleted = await reservoir.delete(memory.partition, memory.instance)

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from reservoir_middleware.cli import _configfile as configfile
+from reservoir_middleware.cli._transfer import import_lines
 from reservoir_middleware.engine import Reservoir
 from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.settings import ReservoirSettings, config_file_path
 from reservoir_middleware.storage import maintenance
-from reservoir_middleware.storage.transfer import export_lines, import_lines, numbered_lines
+from reservoir_middleware.storage.transfer import export_lines, numbered_lines
 
 
 class Progress:
@@ -95,7 +96,7 @@ async def search(args: argparse.Namespace) -> int:
     )
     rows: list[tuple[MessageRecord, float | None]] = [(h.record, h.score) for h in hits]
     if args.link:
-        linked = await maintenance.linked(reservoir, [h.record for h in hits])
+        linked = await maintenance.linked(reservoir.store, [h.record for h in hits])
         seen = {r.id for r, _ in rows}
         rows += [(r, None) for r in linked if r.id not in seen]
     if args.json:
@@ -132,7 +133,7 @@ async def export(args: argparse.Namespace) -> int:
     total = sum(reservoir.store.count(s) for s in scopes)
     progress = Progress("export", total)
     with _output(args.output) as out:
-        async for line in export_lines(reservoir, scopes, embeddings=args.with_embeddings):
+        async for line in export_lines(reservoir.store, scopes, embeddings=args.with_embeddings):
             out.write(line)
             progress()
     progress.close()
@@ -186,9 +187,14 @@ async def delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def stats_of(reservoir: Reservoir) -> dict[str, Any]:
+    """What `reservoir stats` shows: the store's figures and what is set aside."""
+    return maintenance.stats(reservoir.store, dead_letters=reservoir.dead_letters.count())
+
+
 async def stats(args: argparse.Namespace) -> int:
     reservoir = engine()
-    summary = await asyncio.to_thread(maintenance.stats, reservoir)
+    summary = await asyncio.to_thread(stats_of, reservoir)
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
         return 0
@@ -211,7 +217,9 @@ async def stats(args: argparse.Namespace) -> int:
 async def replay(args: argparse.Namespace) -> int:
     reservoir = engine()
     progress = Progress("replay")
-    done = await maintenance.replay(reservoir, args.embedding, progress=progress)
+    done = await maintenance.replay(
+        reservoir.store, reservoir.settings, args.embedding, progress=progress
+    )
     progress.close()
     print(f"re-embedded {done} message(s) with {args.embedding}")
     if "RSV_EMBEDDING" in os.environ:

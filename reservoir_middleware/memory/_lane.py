@@ -83,51 +83,9 @@ SetAside = Callable[[WriteJob, BaseException], Awaitable[None]]
 Probe = Callable[[], Awaitable[None]]
 
 
-def store_down(exc: BaseException) -> bool:
-    """The failure is the store's (unreachable, busy, full, failing inside), not
-    something wrong with what was written: retried without end, the journal
-    keeps the job. An error that tells neither (a 5xx without a known body is a
-    bare `Exception`) is judged by a probe write before any job is set aside."""
-    import sqlite3
-
-    import httpx
-    from chromadb.errors import (
-        AuthorizationError,
-        ChromaAuthError,
-        ChromaError,
-        InternalError,
-        QuotaError,
-        RateLimitError,
-        VersionMismatchError,
-    )
-
-    from reservoir_middleware.storage._child import ChromaServerError
-
-    store_side = (
-        OSError,  # a full disk too
-        TimeoutError,
-        httpx.TransportError,
-        ChromaServerError,
-        sqlite3.Error,  # busy, locked, disk I/O
-        InternalError,  # what Chroma's Rust core says for SQLite and I/O failures
-        VersionMismatchError,
-        RateLimitError,
-        QuotaError,
-        AuthorizationError,
-        ChromaAuthError,
-    )
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, store_side):
-            return True
-        if isinstance(error, ChromaError) and error.code() >= 500:
-            return True
-        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+def store_side(exc: BaseException) -> bool:
+    """Without a store's own judgement (`Storage.unavailable`): the system's errors."""
+    return isinstance(exc, (OSError, TimeoutError))
 
 
 class WriteLane:
@@ -141,8 +99,10 @@ class WriteLane:
         in_process: bool = True,
         set_aside: SetAside | None = None,
         probe: Probe | None = None,
+        store_down: Callable[[BaseException], bool] = store_side,
     ) -> None:
         self.write = write
+        self.store_down = store_down  # the store's failure, not the job's: retried without end
         self.set_aside = set_aside
         self.probe = probe  # a write to the store that only fails when the store does
         self.delay = delay
@@ -262,7 +222,7 @@ class WriteLane:
         try:
             await self.write(jobs[0].scope, jobs)
         except Exception as exc:
-            down = store_down(exc)
+            down = self.store_down(exc)
             for job in jobs:
                 job.verify = True  # the failed write may have landed
                 if not down:

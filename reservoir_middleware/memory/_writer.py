@@ -29,6 +29,7 @@ from reservoir_middleware.records import (
     chained_id,
     clean_text,
     clean_value,
+    embedding_text,
     message_text,
 )
 from reservoir_middleware.store import Storage, Tail, Vectors
@@ -242,11 +243,6 @@ def answer_after(template: MessageRecord, prev_id: str | None) -> MessageRecord:
     """The answer record chained after the message it answers."""
     chained = chained_id(template.scope, "assistant", template.text, template.tool_calls, prev_id)
     return replace(template, id=chained, prev_id=prev_id)
-
-
-def embedding_text(record: MessageRecord) -> str:
-    content = record.to_message().get("content")
-    return content if isinstance(content, str) else record.text
 
 
 def _str_or_none(value: Any) -> str | None:

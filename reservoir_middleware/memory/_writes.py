@@ -129,6 +129,7 @@ class Writes:
                 in_process=self.store.in_process,
                 set_aside=self._set_aside,
                 probe=self._probe,
+                store_down=self.store.unavailable,
             )
             self._lanes[loop] = lane
         return lane

@@ -1,1 +1,1 @@
-"""Everything that knows Chroma: the store, its child process, and work on stored memory."""
+"""The stores (Chroma with its child process; an in-memory one) and work on stored memory."""

@@ -9,14 +9,11 @@ real names sit in the collection metadata.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import fields
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -27,59 +24,39 @@ from reservoir_middleware._logs import log_failure
 from reservoir_middleware._private import NewEntries, secure_data_dir
 from reservoir_middleware.hookspecs import hookimpl
 from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.storage import _chroma_admin as admin
 from reservoir_middleware.storage._child import (
     ChromaServer,
     ChromaServerError,
     release,
     shared_server,
 )
+from reservoir_middleware.storage._chroma_rows import (
+    COLLECTION_PREFIX,
+    _metadata,
+    _record,
+    _records,
+    _records_in_order,
+    collection_name,
+)
 from reservoir_middleware.storage._mirror import Loader, shared_mirror
 from reservoir_middleware.storage._scrub import erase, remove_segments
-from reservoir_middleware.store import EmbeddingMismatch, Tail, Vectors
+from reservoir_middleware.store import (
+    PAGE,
+    Embedder,
+    EmbeddingMismatch,
+    Location,
+    Page,
+    Progress,
+    ScopeStats,
+    Tail,
+    Vectors,
+)
 
-COLLECTION_PREFIX = "rsv-"
 PROBE_COLLECTION = "reservoir-probe"  # no scope's (not `rsv-`): one vector, no text
 RECENT_CACHE = 256  # messages per scope kept in memory (embedded mode)
 CHILD_EMBED_MAX = 64  # texts per write embedded in the child; more (imports): by the engine
 FALLBACK_BATCH = 1000  # records per upsert when the client cannot tell its limit
-_RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
-
-
-def collection_name(scope: Scope) -> str:
-    return (
-        COLLECTION_PREFIX
-        + hashlib.sha256(scope.key.encode("utf-8", "surrogatepass")).hexdigest()[:48]
-    )
-
-
-def _metadata(record: MessageRecord) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, value in record.to_dict().items():
-        if key in ("id", "text") or value is None:
-            continue
-        meta[key] = json.dumps(value, ensure_ascii=False) if key == "tool_calls" else value
-    return meta
-
-
-def _record(id_: str, text: str | None, meta: dict[str, Any] | None) -> MessageRecord:
-    data = {k: v for k, v in (meta or {}).items() if k in _RECORD_FIELDS}
-    if isinstance(data.get("tool_calls"), str):
-        data["tool_calls"] = json.loads(data["tool_calls"])
-    data.setdefault("partition", "")
-    data.setdefault("instance", "")
-    data.setdefault("role", "user")
-    return MessageRecord(id=id_, text=text or "", **data)
-
-
-def _records(result: Any) -> list[MessageRecord]:
-    return sorted(_records_in_order(result), key=lambda r: r.seq)
-
-
-def _records_in_order(result: Any) -> list[MessageRecord]:
-    """The records of a `get` result in its own order (that of its embeddings)."""
-    docs = result.get("documents") or [None] * len(result["ids"])
-    metas = result.get("metadatas") or [None] * len(result["ids"])
-    return [_record(i, d, m) for i, d, m in zip(result["ids"], docs, metas, strict=True)]
 
 
 P = ParamSpec("P")
@@ -141,8 +118,8 @@ def _close_client(client: Any) -> None:
 
 
 class ChromaStore:
-    """Chroma-backed memory: the `reservoir_store`/`reservoir_delete` plugin and
-    the read API (`MemoryStore`) the retrieval plugins use."""
+    """Chroma-backed memory: the whole `Storage` protocol (the `reservoir_store`/
+    `reservoir_delete` plugin, the read API the retrieval plugins use, maintenance)."""
 
     name = "chroma-store"
 
@@ -220,6 +197,10 @@ class ChromaStore:
     def open(self) -> None:
         """Connect (start the child in embedded mode); raises when unreachable."""
         self.client  # noqa: B018 (connects)
+
+    def unavailable(self, error: BaseException) -> bool:
+        """Chroma's own words for "down, busy or full" (`store_down`)."""
+        return store_down(error)
 
     def embed(self, texts: list[str]) -> Vectors | None:
         """In the child process when it embeds (at its lower priority, one thread);
@@ -580,3 +561,73 @@ class ChromaStore:
     def count(self, scope: Scope) -> int:
         col = self.collection(scope)
         return 0 if col is None else int(col.count())
+
+    # -- maintenance (`storage._chroma_admin`) -------------------------------------
+
+    def pages(self, scope: Scope, *, embeddings: bool = False, size: int = PAGE) -> Iterator[Page]:
+        """Every record of a scope, oldest first, a page at a time (read afresh)."""
+        yield from admin.pages(self.client, scope, embeddings=embeddings, size=size)
+
+    def describe(self) -> Location:
+        return admin.describe(self.data_dir, self.chroma_url)
+
+    def scope_stats(self) -> list[ScopeStats]:
+        """From the collections' metadata: the model each scope was stored with."""
+        return admin.scope_stats(self.client, self.scopes())
+
+    def reembed(self, embedder: Embedder, model: str, progress: Progress | None = None) -> int:
+        """Each scope is copied into a side collection with the new vectors, then
+        swapped in; after an interruption, the next run skips what was copied and
+        finishes any swap left half done."""
+        client = self.client
+        admin.finish_swaps(client)
+        done = 0
+        for scope in self.scopes():
+            done += admin.copy_with_new_vectors(client, scope, embedder, model, progress)
+            self.forget(scope)
+        return done
+
+
+def store_down(exc: BaseException) -> bool:
+    """The failure is the store's (unreachable, busy, full, failing inside), not
+    something wrong with what was written: retried without end, the journal
+    keeps the job. An error that tells neither (a 5xx without a known body is a
+    bare `Exception`) is judged by a probe write before any job is set aside."""
+    import sqlite3
+
+    import httpx
+    from chromadb.errors import (
+        AuthorizationError,
+        ChromaAuthError,
+        ChromaError,
+        InternalError,
+        QuotaError,
+        RateLimitError,
+        VersionMismatchError,
+    )
+
+    store_side = (
+        OSError,  # a full disk too
+        TimeoutError,
+        httpx.TransportError,
+        ChromaServerError,
+        sqlite3.Error,  # busy, locked, disk I/O
+        InternalError,  # what Chroma's Rust core says for SQLite and I/O failures
+        VersionMismatchError,
+        RateLimitError,
+        QuotaError,
+        AuthorizationError,
+        ChromaAuthError,
+    )
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, store_side):
+            return True
+        if isinstance(error, ChromaError) and error.code() >= 500:
+            return True
+        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500:
+            return True
+        error = error.__cause__ or error.__context__
+    return False

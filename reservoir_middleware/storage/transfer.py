@@ -3,7 +3,8 @@
 An export holds every field of the record (and, on request, its embedding);
 importing it again stores nothing new (ids are kept), and importing it into an
 empty directory gives the same search results. Bad lines are reported by line
-number and skipped; the good ones are imported.
+number and skipped; the good ones are imported. The import itself goes through
+the engine's write path (`cli._transfer.import_lines`); this is the format.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import json
 import math
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TextIO
 
 import anyio.to_thread
 
-from reservoir_middleware.engine import Reservoir
 from reservoir_middleware.memory.validation import BadRecord, record_from_dict
 from reservoir_middleware.records import MessageRecord, Scope
-from reservoir_middleware.storage.maintenance import pages
+from reservoir_middleware.store import Storage
 
 BATCH = 256
 
@@ -68,13 +68,13 @@ def parse_line(line: str) -> tuple[MessageRecord, list[float] | None]:
 
 
 async def export_lines(
-    reservoir: Reservoir, scopes: Iterable[Scope], *, embeddings: bool = False
+    store: Storage, scopes: Iterable[Scope], *, embeddings: bool = False
 ) -> AsyncIterator[str]:
     """Every record of the scopes, oldest first, one JSON line each (with "\\n")."""
     for scope in scopes:
-        if not await anyio.to_thread.run_sync(reservoir.store.count, scope):
+        if not await anyio.to_thread.run_sync(store.count, scope):
             continue
-        paged = pages(reservoir, scope, embeddings=embeddings, size=BATCH)
+        paged = store.pages(scope, embeddings=embeddings, size=BATCH)
         while True:
             page = await anyio.to_thread.run_sync(next, paged, None)
             if page is None:
@@ -87,49 +87,3 @@ def numbered_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
     for number, line in enumerate(stream, start=1):
         if line.strip():
             yield number, line
-
-
-async def import_lines(
-    reservoir: Reservoir, lines: Iterable[tuple[int, str]], *, progress: Any = None
-) -> ImportReport:
-    report = ImportReport()
-    batch: list[tuple[int, MessageRecord, list[float] | None]] = []
-
-    async def store(items: list[tuple[int, MessageRecord, list[float] | None]]) -> None:
-        written, existing = await reservoir.import_records([(r, v) for _, r, v in items])
-        report.imported += written
-        report.existing += existing
-
-    async def flush() -> None:
-        try:
-            await store(batch)
-        except Exception:  # the store refused one: the lines one by one, to name it
-            for item in batch:
-                try:
-                    await store([item])
-                except Exception as exc:
-                    report.bad.append((item[0], f"not stored: {exc}"))
-        if progress is not None:
-            progress(len(batch))
-        batch.clear()
-
-    dimensions: int | None = None
-    for number, line in lines:
-        report.read += 1
-        try:
-            record, vector = parse_line(line)
-            if vector is not None and record.embedding_model == reservoir.embedding_model:
-                if dimensions is None:  # what the model gives, asked once
-                    dimensions = len(await reservoir._embed_one("dimensions"))
-                if len(vector) != dimensions:
-                    raise BadLine(f"'embedding' has {len(vector)} numbers, not {dimensions}")
-        except BadLine as exc:
-            report.bad.append((number, str(exc)))
-            continue
-        batch.append((number, record, vector))
-        if len(batch) >= BATCH:
-            await flush()
-    if batch:
-        await flush()
-    report.bad.sort()
-    return report

@@ -17,9 +17,10 @@ import pytest
 from reservoir_recency import RecencyDecay, freshness, relevance
 
 from reservoir_middleware import MessageRecord, Reservoir, ReservoirSettings, Scope
+from reservoir_middleware.cli._transfer import import_lines
 from reservoir_middleware.context import SEMANTIC_NOTE, MemoryUnit
 from reservoir_middleware.memory.tokens import count_message
-from reservoir_middleware.storage.transfer import import_lines, record_line
+from reservoir_middleware.storage.transfer import record_line
 
 DAY = 86_400.0
 QUESTION = "Where do I usually go running?"

@@ -84,7 +84,7 @@ async def test_secrets_reach_the_model_but_never_the_memory(
             response = await gw.http.get(memory + path, params=params, headers=headers)
             assert response.status_code == 200
             assert_no_trace(response.text)
-        exported = [line async for line in export_lines(gw.reservoir, [recent[0].scope])]
+        exported = [line async for line in export_lines(gw.reservoir.store, [recent[0].scope])]
         assert len(exported) == 4
         assert_no_trace("".join(exported))
 
