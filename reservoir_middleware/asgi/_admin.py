@@ -19,7 +19,6 @@ from urllib.parse import parse_qs
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from reservoir_middleware._credentials import KeySet
 from reservoir_middleware.asgi._replies import send_error
 from reservoir_middleware.asgi._routes import decode_name, normalised
 from reservoir_middleware.engine import Reservoir
@@ -54,20 +53,6 @@ def match_admin_route(method: str, raw_path: bytes) -> AdminRoute | None:
         return None
     scope = MemoryScope(decode_name("partition", found["p"]), decode_name("instance", found["i"]))
     return AdminRoute(scope, action or "delete")
-
-
-def authorised(scope: Scope, admin_key: str) -> bool:
-    admin = KeySet([admin_key])
-    for name, value in scope.get("headers") or []:
-        lowered = name.lower()
-        given = None
-        if lowered == b"authorization" and value[:7].lower() == b"bearer ":
-            given = value[7:].strip()
-        elif lowered == b"x-reservoir-admin-key":
-            given = value.strip()
-        if given is not None and given in admin:
-            return True
-    return False
 
 
 def _limit(query: dict[str, list[str]], default: int) -> int:

@@ -19,9 +19,9 @@ from urllib.parse import quote
 import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from reservoir_middleware._credentials import KeySet, app_headers
+from reservoir_middleware._credentials import KeySet, app_headers, carries_admin_key
 from reservoir_middleware._logs import log_failure
-from reservoir_middleware.asgi._admin import authorised, match_admin_route, serve_admin
+from reservoir_middleware.asgi._admin import match_admin_route, serve_admin
 from reservoir_middleware.asgi._answer import JsonAssembler, StreamAssembler, make_assembler
 from reservoir_middleware.asgi._authorization import check_access
 from reservoir_middleware.asgi._replies import (
@@ -84,7 +84,7 @@ class ReservoirMiddleware:
             await send_error(send, 400, "invalid_request", str(exc))
             return
         if admin is not None and admin_key:
-            if not authorised(scope, admin_key):
+            if not carries_admin_key(scope.get("headers") or [], KeySet([admin_key])):
                 await send_error(send, 401, "unauthorized", "the admin key is required")
                 return
             await serve_admin(self.reservoir, admin, scope, receive, send)

@@ -9,8 +9,8 @@ from urllib.parse import quote
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from reservoir_middleware._credentials import KeySet, header_token
-from reservoir_middleware.asgi._admin import authorised, match_admin_route
+from reservoir_middleware._credentials import KeySet, api_key, carries_admin_key
+from reservoir_middleware.asgi._admin import match_admin_route
 from reservoir_middleware.asgi._replies import send_error
 from reservoir_middleware.memory.validation import InvalidName
 from reservoir_middleware.settings import ReservoirSettings
@@ -26,7 +26,7 @@ class AccessMiddleware:
     def __init__(self, app: ASGIApp, *, settings: ReservoirSettings) -> None:
         self.app = app
         self.keys = KeySet(settings.api_keys)
-        self.admin_key = settings.admin_key
+        self.admin_key = KeySet([settings.admin_key])
         self.per_minute = settings.rate_limit_per_minute
         self.windows: dict[str, deque[float]] = {}
 
@@ -37,8 +37,7 @@ class AccessMiddleware:
         if self.admin_key and self._admin_request(scope):
             await self.app(scope, receive, send)
             return
-        headers = {k.lower(): v for k, v in scope.get("headers") or []}
-        token = headers.get(b"x-api-key") or header_token(headers.get(b"authorization", b""))
+        token = api_key(scope.get("headers") or [])
         if self.keys and token not in self.keys:
             await send_error(
                 send,
@@ -69,8 +68,7 @@ class AccessMiddleware:
             route = match_admin_route(scope["method"], raw_path)
         except InvalidName:  # answered 400 by the memory middleware, if the keys let it pass
             return False
-        admin_key = self.admin_key
-        return route is not None and admin_key is not None and authorised(scope, admin_key)
+        return route is not None and carries_admin_key(scope.get("headers") or [], self.admin_key)
 
     def _spend(self, who: str) -> int:
         """0 if the request may go, else the seconds until it may."""
