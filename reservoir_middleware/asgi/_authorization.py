@@ -19,7 +19,7 @@ import asyncio
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
-from starlette.types import Scope as AsgiScope
+from starlette.types import Scope as ASGIScope
 from starlette.types import Send
 
 from reservoir_middleware._credentials import partition_key
@@ -41,7 +41,7 @@ class Refusal:
 
 
 async def check_access(
-    hooks: Hooks, memory: Scope, asgi_scope: AsgiScope, *, required: bool, timeout: float
+    hooks: Hooks, memory: Scope, asgi_scope: ASGIScope, *, required: bool, timeout: float
 ) -> Refusal | None:
     """None when the request may use `memory`; else how to refuse it."""
     raw = asgi_scope.get("headers") or []

@@ -7,7 +7,8 @@ import time
 from collections import deque
 from urllib.parse import quote
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as ASGIScope
 
 from reservoir_middleware._credentials import KeySet, api_key, carries_admin_key
 from reservoir_middleware.asgi._admin import match_admin_route
@@ -30,7 +31,7 @@ class AccessMiddleware:
         self.per_minute = settings.rate_limit_per_minute
         self.windows: dict[str, deque[float]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
@@ -61,7 +62,7 @@ class AccessMiddleware:
                 return
         await self.app(scope, receive, send)
 
-    def _admin_request(self, scope: Scope) -> bool:
+    def _admin_request(self, scope: ASGIScope) -> bool:
         """An admin endpoint, with the admin key: the only request the admin key lets pass."""
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode("latin-1")
         try:
