@@ -68,16 +68,18 @@ class KeySet:
 
 
 def bearer_token(value: bytes) -> bytes | None:
-    """The token of `Bearer TOKEN` (the scheme in any case; white space around both
-    dropped; b"" for a bare `Bearer`), else None."""
-    scheme, _, token = value.strip().partition(b" ")
+    """The token of `Bearer TOKEN` (the scheme in any case, then a space; white space
+    around the token dropped; b"" for a bare `Bearer`), else None. On the value as
+    given: a reader that allows white space before the scheme strips the value first."""
+    scheme, _, token = value.partition(b" ")
     return token.strip() if scheme.lower() == b"bearer" else None
 
 
 def header_token(value: bytes) -> bytes:
     """The token of `Bearer TOKEN`, else the whole (stripped) header value."""
+    value = value.strip()
     token = bearer_token(value)
-    return value.strip() if token is None else token
+    return value if token is None else token
 
 
 def partition_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
@@ -89,14 +91,15 @@ def partition_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
         if lowered == KEY_HEADER and explicit is None:
             explicit = _text(value.strip()) or None
         elif lowered == AUTHORIZATION and bearer is None:
-            token = bearer_token(value)
+            token = bearer_token(value.strip())
             if token is not None:
                 bearer = _text(token) or None
     return explicit or bearer
 
 
 def carries_admin_key(headers: Iterable[tuple[bytes, bytes]], admin: KeySet) -> bool:
-    """Whether any `Authorization: Bearer` or `X-Reservoir-Admin-Key` header holds an admin key."""
+    """Whether any `Authorization: Bearer` or `X-Reservoir-Admin-Key` header holds an admin
+    key. `Bearer` must open the value (no white space before it: HTTP servers strip it)."""
     for name, value in headers:
         lowered = name.lower()
         given = None

@@ -152,6 +152,7 @@ async def test_partition_key_bytes() -> None:
         ([(b"x-reservoir-admin-key", ADMIN.encode())], 200),
         ([(b"X-Reservoir-Admin-Key", b" " + ADMIN.encode() + b" ")], 200),
         ([(b"authorization", ADMIN.encode())], 401),  # no scheme
+        ([(b"authorization", b" Bearer " + ADMIN.encode())], 401),  # Bearer opens the value
         ([(b"authorization", b"Bearer\t" + ADMIN.encode())], 401),
         ([(b"authorization", b"Token " + ADMIN.encode())], 401),
         ([(b"x-reservoir-key", ADMIN.encode())], 401),  # the partition key's header
