@@ -27,7 +27,7 @@ class AccessMiddleware:
     def __init__(self, app: ASGIApp, *, settings: ReservoirSettings) -> None:
         self.app = app
         self.keys = KeySet(settings.api_keys)
-        self.admin_key = KeySet([settings.admin_key])
+        self.admin_keys = KeySet([settings.admin_key])
         self.per_minute = settings.rate_limit_per_minute
         self.windows: dict[str, deque[float]] = {}
 
@@ -35,7 +35,7 @@ class AccessMiddleware:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.admin_key and self._admin_request(scope):
+        if self.admin_keys and self._admin_request(scope):
             await self.app(scope, receive, send)
             return
         token = api_key(scope.get("headers") or [])
@@ -69,7 +69,7 @@ class AccessMiddleware:
             route = match_admin_route(scope["method"], raw_path)
         except InvalidName:  # answered 400 by the memory middleware, if the keys let it pass
             return False
-        return route is not None and carries_admin_key(scope.get("headers") or [], self.admin_key)
+        return route is not None and carries_admin_key(scope.get("headers") or [], self.admin_keys)
 
     def _spend(self, who: str) -> int:
         """0 if the request may go, else the seconds until it may."""
