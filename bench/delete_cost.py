@@ -34,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _harness import markdown_table, percentile
+
 from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.storage.chroma import ChromaStore, collection_name
 
@@ -126,11 +128,6 @@ def measure(data_dir: Path, others: int, deletes: int, size: int) -> dict[str, l
     return times
 
 
-def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, help="kept and reused (default: a temporary one)")
@@ -143,12 +140,13 @@ def main() -> None:
     for others in [int(x) for x in args.others.split(",")]:
         times = measure(base / f"others-{others}", others, args.deletes, args.scope_size)
         for way, values in times.items():
-            rows.append((others, way, statistics.median(values), p99(values)))
+            median, slowest = statistics.median(values), percentile(values, 99, nearest=True)
+            rows.append([f"{others:,}", way, f"{median * 1000:.0f}", f"{slowest * 1000:.0f}"])
+    header = ["other messages", "way", "median ms", "p99 ms"]
+    caption, rest = markdown_table(header, rows, "rlrr").split("\n", 1)
     print()
-    print(f"| other messages | way | median ms | p99 ms |  ({args.scope_size}-message scope)")
-    print("|---:|---|---:|---:|")
-    for others, way, median, slowest in rows:
-        print(f"| {others:,} | {way} | {median * 1000:.0f} | {slowest * 1000:.0f} |")
+    print(f"{caption}  ({args.scope_size}-message scope)")
+    print(rest)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-import numpy as np
+from _harness import markdown_table, percentile
 
 from reservoir_middleware import Reservoir, ReservoirSettings, Scope, hookimpl
 from reservoir_middleware.builtins.lexical import LexicalRetrieval
@@ -606,17 +606,6 @@ def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
-    marks = {"l": "---", "r": "---:"}
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -> str:
     rows = []
     for s in strategies:
@@ -629,8 +618,8 @@ def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) ->
                 f"{mean([o.recall for o in out]):.3f}",
                 f"{mean([float(o.found == len(o.evidence_ids)) for o in out]):.3f}",
                 f"{mean([o.tokens for o in out]):.1f}",
-                f"{pct(lat, 50):.1f}",
-                f"{pct(lat, 99):.1f}",
+                f"{percentile(lat, 50):.1f}",
+                f"{percentile(lat, 99):.1f}",
             ]
         )
     header = [
@@ -642,7 +631,7 @@ def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) ->
         "latency p50 ms",
         "latency p99 ms",
     ]
-    return table(header, rows, "lrrrrrr")
+    return markdown_table(header, rows, "lrrrrrr")
 
 
 def token_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -> str:
@@ -687,7 +676,7 @@ def token_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -
         "evidence via semantic",
         "evidence via recent",
     ]
-    return table(header, rows, "lrrrrrrrrr")
+    return markdown_table(header, rows, "lrrrrrrrrr")
 
 
 def breakdown_table(
@@ -710,7 +699,7 @@ def breakdown_table(
     header = ["strategy"] + [
         f"{name} (n={n})" for (_, name), n in zip(columns, counts, strict=True)
     ]
-    return table(header, rows, "l" + "r" * len(columns))
+    return markdown_table(header, rows, "l" + "r" * len(columns))
 
 
 def missed_evidence(

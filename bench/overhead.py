@@ -89,28 +89,36 @@ import importlib.util
 import json
 import os
 import platform
-import queue
 import random
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
+from _harness import (
+    Child,
+    child,
+    completion_builder,
+    emit,
+    free_port,
+    memory_kib,
+    mib,
+    percentile,
+    watch_stdin,
+)
+from _harness import aligned_table as table
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITION = "bench"
-EVENT_PREFIX = "BENCH-EVENT "
 TARGET_P50_MS = 10.0
 TARGET_P99_MS = 30.0
 TARGET_CHUNK_US = 50.0
@@ -269,43 +277,20 @@ ANSWER = (
 
 
 def completion_bytes(model: str) -> bytes:
-    return json.dumps(
-        {
-            "id": "chatcmpl-bench",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": ANSWER},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 25, "total_tokens": 35},
-        }
-    ).encode()
+    replies = completion_builder()
+    completion = replies.chat_completion(
+        ANSWER, model, completion_id="chatcmpl-bench", usage=(10, 25)
+    )
+    return json.dumps(completion).encode()
 
 
 def stream_events(model: str, events: int) -> list[bytes]:
     """`events` SSE events (at least 4): role chunk, content deltas, finish chunk, [DONE]."""
-    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": model}
+    replies = completion_builder()
     words = ANSWER.split()
-
-    def sse(payload: Any) -> bytes:
-        return (
-            f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n".encode()
-        )
-
-    deltas = max(1, events - 3)
-    out = [sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]
-    out += [
-        sse({**base, "choices": [{"index": 0, "delta": {"content": " " + words[i % len(words)]}}]})
-        for i in range(deltas)
-    ]
-    out.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-    out.append(sse("[DONE]"))
-    return out
+    pieces = [" " + words[i % len(words)] for i in range(max(1, events - 3))]
+    chunks = replies.completion_chunks(pieces, model, completion_id="chatcmpl-bench", created=0)
+    return list(replies.sse_events(chunks))
 
 
 def make_model_app() -> Any:
@@ -394,21 +379,6 @@ def layouts_of(stored: Sequence[int], scopes: Sequence[int]) -> list[Layout]:
 
 
 # -- child processes: serve, fill, LiteLLM ---------------------------------------------
-
-
-def emit(event: dict[str, Any]) -> None:
-    print(EVENT_PREFIX + json.dumps(event), flush=True)
-
-
-def watch_stdin(on_close: Callable[[], None]) -> None:
-    """Call `on_close` when the parent closes our stdin (or dies, which closes it too)."""
-
-    def run() -> None:
-        with contextlib.suppress(Exception):
-            sys.stdin.read()
-        on_close()
-
-    threading.Thread(target=run, daemon=True).start()
 
 
 def fill_child(data_dir: Path, layout: Layout, seed: int) -> int:
@@ -544,144 +514,6 @@ def litellm_child(kind: str, config: Path, port: int) -> int:
     argv = ["--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     command.main(args=argv, prog_name="litellm", standalone_mode=True)
     return 0
-
-
-# -- parent: children -------------------------------------------------------------------
-
-
-class Child:
-    """A child process; stopped by closing its stdin, then terminate, then kill.
-
-    Lines of its output that start with EVENT_PREFIX are events; the others go to
-    `log` (default: our stderr, prefixed with the label).
-    """
-
-    def __init__(
-        self,
-        label: str,
-        argv: list[str],
-        on_event: Callable[[dict[str, Any]], None],
-        *,
-        log: IO[str] | None = None,
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-        stop_timeout: float = 30.0,
-    ):
-        self.label = label
-        self.stop_timeout = stop_timeout
-        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.on_event = on_event
-        self.log = log
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if log is not None else None,
-            text=True,
-            bufsize=1,
-            env=env,
-            cwd=cwd,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(EVENT_PREFIX):
-                self.events.put(json.loads(line[len(EVENT_PREFIX) :]))
-            elif self.log is not None:
-                with contextlib.suppress(ValueError):  # closed at the very end
-                    self.log.write(line)
-            else:
-                sys.stderr.write(f"[{self.label}] {line}")
-        self.events.put(None)
-
-    def wait_for(self, kind: str, timeout: float) -> dict[str, Any]:
-        """The next event of this kind (the others go to `on_event` on the way)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{self.label}: no {kind!r} after {timeout:.0f} s")
-            try:
-                event = self.events.get(timeout=left)
-            except queue.Empty:
-                continue
-            if event is None:
-                raise RuntimeError(f"{self.label} exited with {self.proc.wait(10)}")
-            self.on_event(event)
-            if event["event"] == kind:
-                return event
-
-    def wait_ready(self, timeout: float) -> int:
-        return int(self.wait_for("ready", timeout)["port"])
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(self.stop_timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.reader.join(10)
-
-
-@contextlib.contextmanager
-def child(
-    label: str, argv: list[str], on_event: Callable[[dict[str, Any]], None], **options: Any
-) -> Iterator[Child]:
-    proc = Child(label, argv, on_event, **options)
-    try:
-        yield proc
-    finally:
-        proc.close()
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    """VmHWM (peak resident set) and VmRSS of a live process plus its child
-    processes (the middleware's Chroma child), in KiB."""
-    out: dict[str, int] = {}
-    for each in [pid, *descendants(pid)]:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{each}/status").read_text().splitlines():
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS"):
-                    out[key] = out.get(key, 0) + int(rest.split()[0])
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, of in parents.items() if of == parent]
-        found += children
-        frontier += children
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- parent: measuring -----------------------------------------------------------------
@@ -1081,67 +913,49 @@ def measure_litellm(
 # -- report -------------------------------------------------------------------------------
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
-
-
 def mark(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
-def mib(kib: dict[str, int], key: str = "VmHWM") -> float:
-    return kib[key] / 1024 if key in kib else float("nan")
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = [
-        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
-        "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|",
-    ]
-    lines += [
-        "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    return "\n".join(lines)
-
-
 def latency_cells(samples: Samples) -> tuple[list[str], float, float]:
-    b = [pct(samples.bare, q) for q in (50, 90, 99)]
-    m = [pct(samples.middleware, q) for q in (50, 90, 99)]
+    b = [percentile(samples.bare, q) for q in (50, 90, 99)]
+    m = [percentile(samples.middleware, q) for q in (50, 90, 99)]
     added50, added99 = m[0] - b[0], m[2] - b[2]
     cells = [*(f"{v:.2f}" for v in b), *(f"{v:.2f}" for v in m), f"{added50:.2f}", f"{added99:.2f}"]
     return cells, added50, added99
 
 
-def report(
-    rows: list[Row],
-    args: argparse.Namespace,
-    servers: dict[str, Any],
-    litellm: LiteLLMResult | None,
-    seconds: float,
-) -> str:
-    out: list[str] = []
+HEAD = ["stored", "layout"]
 
-    def section(title: str, header: list[str], cells: list[list[str]]) -> None:
-        out.extend([title, "", table(header, cells), ""])
 
-    head = ["stored", "layout"]
+def section(title: str, header: list[str], cells: list[list[str]]) -> list[str]:
+    """A table with its caption, as the report prints it."""
+    return [title, "", table(header, cells), ""]
 
-    def key(row: Row) -> list[str]:
-        return [str(row.layout.stored), row.layout.label]
 
-    plain_rows = []
+def row_key(row: Row) -> list[str]:
+    return [str(row.layout.stored), row.layout.label]
+
+
+def latency_table(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """Non-streaming latency, bare and mw, against the p50 and p99 targets."""
+    cells = []
     for row in rows:
-        cells, added50, added99 = latency_cells(row.plain)
-        plain_rows.append(
-            [*key(row), *cells, mark(added50 <= TARGET_P50_MS), mark(added99 <= TARGET_P99_MS)]
+        figures, added50, added99 = latency_cells(row.plain)
+        cells.append(
+            [
+                *row_key(row),
+                *figures,
+                mark(added50 <= TARGET_P50_MS),
+                mark(added99 <= TARGET_P99_MS),
+            ]
         )
-    section(
+    return section(
         f"Non-streaming chat completions, {args.requests} sequential requests per server "
         f"per row (after warm-up), bare and middleware (mw) interleaved; ms. Targets for "
         f"100k stored: added p50 <= {TARGET_P50_MS:g}, p99 <= {TARGET_P99_MS:g}",
         [
-            *head,
+            *HEAD,
             "bare p50",
             "bare p90",
             "bare p99",
@@ -1153,17 +967,20 @@ def report(
             f"p50 <= {TARGET_P50_MS:g}",
             f"p99 <= {TARGET_P99_MS:g}",
         ],
-        plain_rows,
+        cells,
     )
 
-    stream_rows = []
+
+def streaming_table(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """Time to first byte, and the cost per SSE event against its target."""
+    cells = []
     for row in rows:
-        tb = [pct(row.ttfb.bare, q) for q in (50, 99)]
-        tm = [pct(row.ttfb.middleware, q) for q in (50, 99)]
-        cb, cm = pct(row.per_chunk_us.bare, 50), pct(row.per_chunk_us.middleware, 50)
-        stream_rows.append(
+        tb = [percentile(row.ttfb.bare, q) for q in (50, 99)]
+        tm = [percentile(row.ttfb.middleware, q) for q in (50, 99)]
+        cb, cm = percentile(row.per_chunk_us.bare, 50), percentile(row.per_chunk_us.middleware, 50)
+        cells.append(
             [
-                *key(row),
+                *row_key(row),
                 f"{tb[0]:.2f}",
                 f"{tm[0]:.2f}",
                 f"{tm[0] - tb[0]:.2f}",
@@ -1176,13 +993,13 @@ def report(
                 mark(cm - cb <= TARGET_CHUNK_US),
             ]
         )
-    section(
+    return section(
         f"Streaming, {args.stream_requests} short ({SHORT_STREAM} SSE events) and long "
         f"({args.chunks} events) streams per server per row: time to first byte of the short "
         "ones (ms), and per-event time (us): median of (long - short) after-first-byte time / "
         f"extra events. Target: added <= {TARGET_CHUNK_US:g} us per event",
         [
-            *head,
+            *HEAD,
             "bare TTFB p50",
             "mw TTFB p50",
             "added p50",
@@ -1194,33 +1011,36 @@ def report(
             "added us/event",
             f"us/event <= {TARGET_CHUNK_US:g}",
         ],
-        stream_rows,
+        cells,
     )
 
-    hold_rows = []
+
+def hold_back_table(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """Whether the middleware held an SSE event back until the next one."""
+    cells = []
     for row in rows:
         late_b, late_m = row.hold_late["bare"], row.hold_late["middleware"]
         worst = max(row.hold_delay_ms.middleware, default=float("nan"))
-        hold_rows.append(
+        cells.append(
             [
-                *key(row),
+                *row_key(row),
                 str(len(row.hold_delay_ms.middleware)),
-                f"{pct(row.hold_delay_ms.bare, 50):.2f}",
+                f"{percentile(row.hold_delay_ms.bare, 50):.2f}",
                 f"{max(row.hold_delay_ms.bare, default=float('nan')):.2f}",
-                f"{pct(row.hold_delay_ms.middleware, 50):.2f}",
+                f"{percentile(row.hold_delay_ms.middleware, 50):.2f}",
                 f"{worst:.2f}",
                 f"{late_b} / {late_m}",
                 mark(late_m == 0 and worst <= HOLD_BACK_LIMIT_MS),
             ]
         )
-    section(
+    return section(
         f"No chunk held back: {args.hold_streams} streams per server per row whose "
         f"{args.hold_events} events the model sends {args.gap_ms:g} ms apart; delay = arrival "
         "at the client - send by the model, per event (ms); late = arrived after the model had "
         "sent the next event (or ended the stream). A held-back chunk would be late by about "
         f"the gap. Pass: no late event and max delay <= {HOLD_BACK_LIMIT_MS:g} ms",
         [
-            *head,
+            *HEAD,
             "events",
             "bare delay p50",
             "bare delay max",
@@ -1229,33 +1049,36 @@ def report(
             "late bare / mw",
             "not held back",
         ],
-        hold_rows,
+        cells,
     )
 
-    tp_rows = []
+
+def throughput_table(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """Requests per second at each concurrency level, bare and mw."""
+    cells = []
     for row in rows:
         for concurrency, levels in row.throughput.items():
             b, m = levels["bare"], levels["middleware"]
-            tp_rows.append(
+            cells.append(
                 [
-                    *key(row),
+                    *row_key(row),
                     str(concurrency),
                     f"{b.rate:.1f}",
                     f"{m.rate:.1f}",
                     f"{m.rate / b.rate:.3f}" if b.rate else "nan",
-                    f"{pct(b.latencies, 50):.2f}",
-                    f"{pct(m.latencies, 50):.2f}",
-                    f"{pct(m.latencies, 99):.2f}",
+                    f"{percentile(b.latencies, 50):.2f}",
+                    f"{percentile(m.latencies, 50):.2f}",
+                    f"{percentile(m.latencies, 99):.2f}",
                     f"{b.completed} / {m.completed}",
                 ]
             )
-    section(
+    return section(
         f"Throughput: {args.duration:g} s of back-to-back non-streaming requests per level and "
         "server, from that many concurrent clients; requests/s = completed / wall time; "
         "latency in ms. Concurrent requests go to the row's one scope, or to random scopes "
         "among its scopes",
         [
-            *head,
+            *HEAD,
             "concurrency",
             "bare req/s",
             "mw req/s",
@@ -1265,52 +1088,60 @@ def report(
             "mw p99",
             "requests bare / mw",
         ],
-        tp_rows,
+        cells,
     )
 
-    rss_rows = []
+
+def rss_table(rows: list[Row]) -> list[str]:
+    """Peak memory of the servers, the middleware's Chroma child included."""
+    cells = []
     for row in rows:
         b, m = row.rss_kib.get("bare", {}), row.rss_kib.get("middleware", {})
-        rss_rows.append(
+        cells.append(
             [
-                *key(row),
+                *row_key(row),
                 f"{mib(b):.1f}",
                 f"{mib(m):.1f}",
                 f"{mib(m) - mib(b):.1f}",
                 f"{mib(m, 'VmRSS'):.1f}",
             ]
         )
-    section(
+    return section(
         "Peak RSS (VmHWM) of the server processes at the end of each row, MiB: bare is one "
         "process for the whole run (its peak so far), mw the row's own process with its Chroma "
         "child (the fill ran in another process)",
-        [*head, "bare peak", "mw peak", "added", "mw RSS at end"],
-        rss_rows,
+        [*HEAD, "bare peak", "mw peak", "added", "mw RSS at end"],
+        cells,
     )
 
-    if litellm is not None:
-        cells, _, _ = latency_cells(litellm.latency)
-        alone, memory = litellm.rss_kib.get("bare", {}), litellm.rss_kib.get("middleware", {})
-        section(
-            f"LiteLLM proxy alone vs LiteLLM proxy with the middleware (examples/litellm/proxy.py)"
-            f", same instant model behind, {args.litellm_requests} sequential requests each, "
-            "interleaved, empty memory store at the start; ms. Peak RSS in MiB",
-            [
-                "litellm p50",
-                "litellm p90",
-                "litellm p99",
-                "+mw p50",
-                "+mw p90",
-                "+mw p99",
-                "added p50",
-                "added p99",
-                "litellm peak RSS",
-                "+mw peak RSS",
-            ],
-            [[*cells, f"{mib(alone):.1f}", f"{mib(memory):.1f}"]],
-        )
 
-    out.append("Fill (Reservoir.add, batches of 500, real embedding model, separate process):")
+def litellm_table(litellm: LiteLLMResult, args: argparse.Namespace) -> list[str]:
+    """LiteLLM's proxy alone against the same proxy with the middleware."""
+    cells, _, _ = latency_cells(litellm.latency)
+    alone, memory = litellm.rss_kib.get("bare", {}), litellm.rss_kib.get("middleware", {})
+    return section(
+        f"LiteLLM proxy alone vs LiteLLM proxy with the middleware (examples/litellm/proxy.py)"
+        f", same instant model behind, {args.litellm_requests} sequential requests each, "
+        "interleaved, empty memory store at the start; ms. Peak RSS in MiB",
+        [
+            "litellm p50",
+            "litellm p90",
+            "litellm p99",
+            "+mw p50",
+            "+mw p90",
+            "+mw p99",
+            "added p50",
+            "added p99",
+            "litellm peak RSS",
+            "+mw peak RSS",
+        ],
+        [[*cells, f"{mib(alone):.1f}", f"{mib(memory):.1f}"]],
+    )
+
+
+def fill_notes(rows: list[Row]) -> list[str]:
+    """How each row's store was filled (or reused), and how long it took."""
+    out = ["Fill (Reservoir.add, batches of 500, real embedding model, separate process):"]
     for row in rows:
         rate = (
             f", {1000 * row.fill_seconds / row.fill_added:.2f} ms/message" if row.fill_added else ""
@@ -1324,8 +1155,19 @@ def report(
             f"  stored={row.layout.stored} in {row.layout.label}: {row.fill_added} added in "
             f"{row.fill_seconds:.1f} s{rate}{kept}; {row.count} messages before measuring{copied}"
         )
-    out.append("")
-    out.append("Sanity:")
+    return [*out, ""]
+
+
+def sanity_notes(
+    rows: list[Row],
+    args: argparse.Namespace,
+    servers: dict[str, Any],
+    litellm: LiteLLMResult | None,
+    seconds: float,
+) -> list[str]:
+    """What tells a reader the run measured what it says: memory was injected, nothing
+    degraded, the warm-up, and the machine."""
+    out = ["Sanity:"]
     for row in rows:
         injected = f"{np.mean(row.injected):.1f}" if row.injected else "n/a"
         out.append(
@@ -1346,6 +1188,28 @@ def report(
         f"{mw.get('loop')} http={mw.get('http')}, pause between requests {args.pause_ms:g} ms; "
         f"run took {seconds:.0f} s"
     )
+    return out
+
+
+def report(
+    rows: list[Row],
+    args: argparse.Namespace,
+    servers: dict[str, Any],
+    litellm: LiteLLMResult | None,
+    seconds: float,
+) -> str:
+    """Every table of the run, then the notes on the fill and the run's sanity."""
+    out = [
+        *latency_table(rows, args),
+        *streaming_table(rows, args),
+        *hold_back_table(rows, args),
+        *throughput_table(rows, args),
+        *rss_table(rows),
+    ]
+    if litellm is not None:
+        out += litellm_table(litellm, args)
+    out += fill_notes(rows)
+    out += sanity_notes(rows, args, servers, litellm, seconds)
     return "\n".join(out)
 
 

@@ -41,13 +41,10 @@ import itertools
 import json
 import os
 import platform
-import queue
 import random
 import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -56,9 +53,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _harness import Child, emit, percentile, status_kib, watch_stdin
+from _harness import aligned_table as table
 
-EVENT_PREFIX = "SOAK-EVENT "
 MODEL = "gpt-4o"
+COMPLETION_ID = "chatcmpl-soak"
 SCOPE_HEADER = "x-soak-scope"
 TAG = re.compile(r"\bS(\d\d\d)-\d+\b")
 MAX_TURNS = 4
@@ -97,10 +96,6 @@ def partition(scope: int) -> str:
     return f"soak-{scope:03d}"
 
 
-def emit(event: dict[str, Any]) -> None:
-    print(EVENT_PREFIX + json.dumps(event), flush=True)
-
-
 # -- child: the stand-in model behind the middleware -----------------------------
 
 
@@ -116,9 +111,7 @@ def model_app(delay: float = 0.0) -> Any:
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    def sse(payload: Any) -> bytes:
-        data = payload if isinstance(payload, str) else json.dumps(payload)
-        return f"data: {data}\n\n".encode()
+    from reservoir_middleware.asgi._replies import chat_completion, completion_chunks, sse_events
 
     async def chat(request: Request) -> Response:
         payload = json.loads(await request.body())
@@ -134,40 +127,17 @@ def model_app(delay: float = 0.0) -> Any:
         if delay:
             await asyncio.sleep(delay)
         if payload.get("stream"):
-            base = {"id": "chatcmpl-soak", "object": "chat.completion.chunk", "model": MODEL}
             half = len(content) // 2
-            events = [
-                sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}]}),
-                *(
-                    sse({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
-                    for piece in (content[:half], content[half:])
-                ),
-                sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
-                sse("[DONE]"),
-            ]
+            pieces = (content[:half], content[half:])
+            events = sse_events(completion_chunks(pieces, MODEL, completion_id=COMPLETION_ID))
 
             async def body() -> Any:
                 for event in events:
                     yield event
 
             return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-        return JSONResponse(
-            {
-                "id": "chatcmpl-soak",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": MODEL,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-            },
-            headers=headers,
-        )
+        completion = chat_completion(content, MODEL, completion_id=COMPLETION_ID, usage=(10, 5))
+        return JSONResponse(completion, headers=headers)
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
@@ -190,13 +160,11 @@ def serve_child(data_dir: Path, model_ms: float) -> int:
 
         stop_at: list[float] = []
 
-        def watch_stdin() -> None:  # the parent closes our stdin to stop us (or dies)
-            with contextlib.suppress(Exception):
-                sys.stdin.read()
+        def on_close() -> None:  # the parent closed our stdin to stop us (or died)
             stop_at.append(time.monotonic())
             loop.call_soon_threadsafe(setattr, server, "should_exit", True)
 
-        threading.Thread(target=watch_stdin, daemon=True).start()
+        watch_stdin(on_close)
         serving = asyncio.ensure_future(server.serve())
         for _ in range(1200):
             if server.started or serving.done():
@@ -220,7 +188,7 @@ def serve_child(data_dir: Path, model_ms: float) -> int:
                 "scopes": len(scopes),
                 "messages": sum(counts),
                 "drain_s": round(drain, 2),
-                "rss_kb": memory_kb(os.getpid())[0],
+                "rss_kb": status_kib(os.getpid())["VmRSS"],
             }
         )
 
@@ -229,69 +197,6 @@ def serve_child(data_dir: Path, model_ms: float) -> int:
 
 
 # -- parent: the child process ---------------------------------------------------
-
-
-class Child:
-    """The server process; its events come on stdout, its logs on stderr."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(EVENT_PREFIX):
-                self.events.put(json.loads(line[len(EVENT_PREFIX) :]))
-            else:
-                sys.stderr.write(f"[server] {line}")
-        self.events.put(None)
-
-    def wait_for(self, kind: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                event = self.events.get(timeout=left)
-            except queue.Empty:
-                break
-            if event is None:
-                raise RuntimeError(f"the server exited with {self.proc.wait(10)}")
-            if event["event"] == kind:
-                return event
-        raise TimeoutError(f"no {kind!r} event from the server after {timeout:.0f} s")
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-
-    def close(self) -> None:
-        self.stop()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.reader.join(10)
-
-
-def memory_kb(pid: int) -> tuple[int, int]:
-    """VmRSS and VmHWM (peak) of a process, in kB."""
-    values = {"VmRSS": 0, "VmHWM": 0}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in values:
-                values[key] = int(rest.split()[0])
-    return values["VmRSS"], values["VmHWM"]
 
 
 # -- parent: traffic ---------------------------------------------------------------
@@ -391,7 +296,7 @@ async def worker(
 async def sample_memory(pid: int, run: Run, started: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         with contextlib.suppress(OSError):
-            run.samples.append((time.monotonic() - started, memory_kb(pid)[0]))
+            run.samples.append((time.monotonic() - started, status_kib(pid)["VmRSS"]))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
 
@@ -399,7 +304,7 @@ async def sample_memory(pid: int, run: Run, started: float, stop: asyncio.Event)
 async def drive(port: int, pid: int, args: argparse.Namespace) -> tuple[Run, float, int]:
     run = Run()
     started = time.monotonic()
-    run.samples.append((0.0, memory_kb(pid)[0]))
+    run.samples.append((0.0, status_kib(pid)["VmRSS"]))
     end = started + args.seconds
     limits = httpx.Limits(max_connections=args.concurrency)
     stop = asyncio.Event()
@@ -414,39 +319,17 @@ async def drive(port: int, pid: int, args: argparse.Namespace) -> tuple[Run, flo
         elapsed = time.monotonic() - started
         stop.set()
         await sampler
-    rss, peak = memory_kb(pid)
-    run.samples.append((elapsed, rss))
-    return run, elapsed, peak
+    memory = status_kib(pid)
+    run.samples.append((elapsed, memory["VmRSS"]))
+    return run, elapsed, memory["VmHWM"]
 
 
 # -- report ------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def rss_at(samples: Sequence[tuple[float, int]], at: float) -> int:
     """The first sample taken at or after `at` seconds (the last one if none)."""
     return next((kb for t, kb in samples if t >= at), samples[-1][1])
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = [
-        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
-        "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|",
-    ]
-    lines += [
-        "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    return "\n".join(lines)
 
 
 def summarise(
@@ -627,11 +510,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rsv-soak-") as tmp:
         script = str(Path(__file__).resolve())
         model = ["--model-ms", str(args.model_ms)]
-        server = Child([sys.executable, script, *model, "--serve", tmp])
+        server = Child("server", [sys.executable, script, *model, "--serve", tmp], stop_timeout=60)
         try:
-            port = int(server.wait_for("ready", 180)["port"])
-            print(f"server pid {server.proc.pid} on port {port}; driving traffic ...", flush=True)
-            run, elapsed, peak = asyncio.run(drive(port, server.proc.pid, args))
+            port = server.wait_ready(180)
+            print(f"server pid {server.pid} on port {port}; driving traffic ...", flush=True)
+            run, elapsed, peak = asyncio.run(drive(port, server.pid, args))
             server.stop()
             stored = server.wait_for("stored", 120)
         finally:

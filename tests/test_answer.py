@@ -17,6 +17,7 @@ from reservoir_middleware.asgi._answer import (
     StreamAssembler,
     make_assembler,
 )
+from reservoir_middleware.asgi._replies import completion_chunk
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
 
@@ -24,8 +25,15 @@ BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "mo
 def chunk(
     delta: dict[str, Any] | None = None, finish: str | None = None, index: int = 0, **extra: Any
 ) -> bytes:
-    choice = {"index": index, "delta": delta or {}, "finish_reason": finish}
-    body = {**BASE, "choices": [choice], **extra}
+    body = completion_chunk(
+        delta or {},
+        "gpt-4o",
+        finish_reason=finish,
+        completion_id="chatcmpl-1",
+        created=1,
+        index=index,
+    )
+    body.update(extra)
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 

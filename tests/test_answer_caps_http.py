@@ -20,15 +20,17 @@ from reservoir_middleware.asgi._answer import (
     MAX_ANSWER_CHARS,
     MAX_TOOL_CALLS,
 )
+from reservoir_middleware.asgi._replies import chat_completion, completion_chunk
 from tests.conftest import make_settings, serve
 
 MiB = 1024 * 1024
-BASE = {"id": "chatcmpl-c", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o"}
 
 
 def event(delta: dict[str, Any] | None = None, finish: str | None = None) -> bytes:
-    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
-    return b"data: " + json.dumps({**BASE, "choices": [choice]}).encode() + b"\n\n"
+    chunk = completion_chunk(
+        delta or {}, "gpt-4o", finish_reason=finish, completion_id="chatcmpl-c", created=0
+    )
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"
@@ -105,14 +107,7 @@ async def test_a_json_answer_over_16_mib_keeps_the_question_and_the_start(
     tmp_path: Path,
 ) -> None:
     text = "y" * (17 * MiB)
-    completion = {
-        "id": "chatcmpl-j",
-        "object": "chat.completion",
-        "model": "gpt-4o",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
-    }
+    completion = chat_completion(text, "gpt-4o", completion_id="chatcmpl-j")
     raw = json.dumps(completion).encode()
     async with gateway(tmp_path) as (base, canned, reservoir):
         canned.add(b"application/json", [raw[i : i + MiB] for i in range(0, len(raw), MiB)])

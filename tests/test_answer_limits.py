@@ -15,14 +15,13 @@ from reservoir_middleware.asgi._answer import (
     StreamAssembler,
 )
 from reservoir_middleware.asgi._partialjson import loads_prefix
+from reservoir_middleware.asgi._replies import completion_chunk
 from reservoir_middleware.memory.keywords import terms
-
-BASE = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m"}
 
 
 def chunk(delta: dict[str, Any] | None = None, finish: str | None = None) -> bytes:
-    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
-    return b"data: " + json.dumps({**BASE, "choices": [choice]}).encode() + b"\n\n"
+    body = completion_chunk(delta or {}, "m", finish_reason=finish, completion_id="c", created=0)
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 def run(raw: bytes, max_event_bytes: int | None = None) -> Any:

@@ -17,9 +17,10 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
+from reservoir_middleware.asgi._replies import completion_chunk, sse_events
 from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE
 from tests.conftest import Gateway, GatewayFactory
-from tests.upstream import Reply, sse
+from tests.upstream import Reply
 
 NOTES = {SEMANTIC_NOTE, RECENT_NOTE}
 OPENAI_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -320,7 +321,6 @@ async def test_injected_tool_traffic_is_valid_in_the_merged_system_message(
 
 
 def refusal_stream(text: str) -> list[bytes]:
-    base = {"id": "x", "object": "chat.completion.chunk", "model": "gpt-4o"}
     deltas: list[tuple[dict[str, Any], str | None]] = [
         ({"role": "assistant", "content": None, "refusal": ""}, None),
         ({"refusal": text[:10]}, None),
@@ -328,9 +328,10 @@ def refusal_stream(text: str) -> list[bytes]:
         ({}, "stop"),
     ]
     chunks = [
-        sse({**base, "choices": [{"index": 0, "delta": d, "finish_reason": f}]}) for d, f in deltas
+        completion_chunk(d, "gpt-4o", finish_reason=f, completion_id="x", created=0)
+        for d, f in deltas
     ]
-    return [*chunks, sse("[DONE]")]
+    return sse_events(chunks)
 
 
 async def stream_refusal(gateway: Gateway, question: dict[str, Any], refusal: str) -> None:

@@ -30,9 +30,10 @@ import httpx
 import pytest
 from openai import APIStatusError, AsyncOpenAI, OpenAI
 
+from reservoir_middleware.asgi._replies import completion_chunk, sse_events
 from tests.conftest import free_port
 from tests.servers import serve_in_thread
-from tests.upstream import Reply, Upstream, sse
+from tests.upstream import Reply, Upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 PROXY = ROOT / "examples" / "litellm" / "proxy.py"
@@ -164,20 +165,24 @@ def data_events(lines: list[str]) -> list[dict[str, Any]]:
 
 def tool_call_stream(name: str, arguments: list[str]) -> list[bytes]:
     """An OpenAI-style stream of one tool call, its arguments in pieces."""
-    base = {
-        "id": "chatcmpl-tool",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": "gpt-4o",
-    }
     call = {"index": 0, "id": "call_1", "type": "function"}
     deltas: list[dict[str, Any]] = [
         {"role": "assistant", "content": None, "tool_calls": [{**call, "function": {"name": name}}]}
     ]
     deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": a}}]} for a in arguments]
-    chunks = [sse({**base, "choices": [{"index": 0, "delta": d}]}) for d in deltas]
-    finish = {"index": 0, "delta": {}, "finish_reason": "tool_calls"}
-    return [*chunks, sse({**base, "choices": [finish]}), sse("[DONE]")]
+    deltas.append({})
+    last = len(deltas) - 1
+    chunks = [
+        completion_chunk(
+            d,
+            "gpt-4o",
+            finish_reason="tool_calls" if i == last else None,
+            completion_id="chatcmpl-tool",
+            created=0,
+        )
+        for i, d in enumerate(deltas)
+    ]
+    return sse_events(chunks)
 
 
 async def test_memory_is_recalled_and_isolated(proxy: Proxy) -> None:

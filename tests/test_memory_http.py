@@ -9,6 +9,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from reservoir_middleware.asgi._replies import completion_chunk
 from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE
 from tests.conftest import Gateway, GatewayFactory
 from tests.upstream import Reply, sse
@@ -83,13 +84,16 @@ async def test_streamed_answer_recorded_and_recalled(gateway: Gateway, ai: Async
 
 def awkward_stream(content: str) -> list[bytes]:
     """Keep-alive lines, CRLF, no [DONE], split inside multi-byte characters."""
-    base = {"id": "x", "object": "chat.completion.chunk", "model": "gpt-4o"}
+
+    def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+        body = completion_chunk(delta, "gpt-4o", finish_reason=finish, completion_id="x", created=0)
+        return sse(body)
+
     events = b": ping\r\n\r\n"
-    events += sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+    events += chunk({"role": "assistant"})
     for piece in (content[:7], content[7:15], content[15:]):
-        event = sse({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
-        events += event.replace(b"\n", b"\r\n") + b": keep-alive\n\n"
-    events += sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        events += chunk({"content": piece}).replace(b"\n", b"\r\n") + b": keep-alive\n\n"
+    events += chunk({}, "stop")
     raw = json.dumps(content, ensure_ascii=False).encode()
     assert raw  # cut every 5 bytes: lands inside "é" and "☕" and inside CRLF pairs
     return [events[i : i + 5] for i in range(0, len(events), 5)]
@@ -141,10 +145,10 @@ async def test_first_chunk_reaches_client_before_upstream_sends_second(gateway: 
 
 
 async def test_tool_calls_recorded_from_stream_and_json(gateway: Gateway, ai: AsyncOpenAI) -> None:
-    base = {"id": "x", "object": "chat.completion.chunk", "model": "gpt-4o"}
 
     def delta(d: dict[str, object], finish: str | None = None) -> bytes:
-        return sse({**base, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]})
+        body = completion_chunk(d, "gpt-4o", finish_reason=finish, completion_id="x", created=0)
+        return sse(body)
 
     call = {
         "index": 0,

@@ -18,6 +18,7 @@ import openai
 
 from reservoir_middleware import MessageRecord, hookimpl
 from reservoir_middleware.asgi._answer import MAX_ANSWER_CHARS
+from reservoir_middleware.asgi._replies import completion_chunk
 from reservoir_middleware.memory._deadletter import DeadLetters
 from reservoir_middleware.memory._deletions import now
 from reservoir_middleware.memory._lane import MAX_ATTEMPTS
@@ -159,9 +160,9 @@ async def test_a_streamed_answer_over_the_cap_reaches_the_client_whole_and_is_st
 ) -> None:
     piece = "0123456789abcdef" * 4096  # 64 KiB of text a chunk
     pieces = MAX_ANSWER_CHARS // len(piece) + 8
-    base = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o"}
+    content = completion_chunk({"content": piece}, "gpt-4o", completion_id="c", created=0)
     chunks = stream_chunks("gpt-4o", "")[:1]
-    chunks += [sse({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})] * pieces
+    chunks += [sse(content)] * pieces
     chunks += stream_chunks("gpt-4o", "")[-2:]
     async with gateway_factory() as gw:
         gw.upstream.replies.append(Reply(raw=chunks))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +19,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
+
+from reservoir_middleware.asgi._replies import (
+    chat_completion,
+    completion_chunks,
+    sse_event,
+    sse_events,
+)
+
+COMPLETION_ID = "chatcmpl-standin"
 
 
 @dataclass
@@ -138,25 +146,15 @@ class Upstream:
             )
         if payload.get("x_plain_text"):
             return PlainTextResponse(content)
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if reply.tool_calls:
-            message = {"role": "assistant", "content": None, "tool_calls": reply.tool_calls}
-        return JSONResponse(
-            {
-                "id": "chatcmpl-standin",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "finish_reason": "tool_calls" if reply.tool_calls else "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-            }
+        completion = chat_completion(
+            None if reply.tool_calls else content,
+            model,
+            finish_reason="tool_calls" if reply.tool_calls else "stop",
+            completion_id=COMPLETION_ID,
+            usage=(10, 5),
+            tool_calls=reply.tool_calls,
         )
+        return JSONResponse(completion)
 
     async def _stream(self, reply: Reply, model: str, content: str) -> AsyncIterator[bytes]:
         chunks = reply.raw if reply.raw is not None else stream_chunks(model, content)
@@ -167,22 +165,11 @@ class Upstream:
 
 
 def sse(payload: Any) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n".encode()
+    return sse_event(payload)
 
 
 def stream_chunks(model: str, content: str, pieces: int = 4) -> list[bytes]:
     """An OpenAI-style stream: role chunk, content deltas, finish, [DONE]."""
-    base = {
-        "id": "chatcmpl-standin",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": model,
-    }
     size = max(1, len(content) // pieces + 1)
     parts = [content[i : i + size] for i in range(0, len(content), size)]
-    out = [sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})]
-    out += [sse({**base, "choices": [{"index": 0, "delta": {"content": p}}]}) for p in parts]
-    out.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
-    out.append(sse("[DONE]"))
-    return out
+    return sse_events(completion_chunks(parts, model, completion_id=COMPLETION_ID, created=0))

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
+from starlette.types import Scope as ASGIScope
 
-from reservoir_middleware._credentials import KeySet
 from reservoir_middleware.asgi._replies import send_error
 from reservoir_middleware.asgi._routes import decode_name, normalised
 from reservoir_middleware.engine import Reservoir
 from reservoir_middleware.memory.validation import InvalidName
-from reservoir_middleware.records import Scope as MemoryScope
+from reservoir_middleware.records import Scope
 from reservoir_middleware.storage.transfer import export_lines
 
 _ADMIN = re.compile(
@@ -36,7 +36,7 @@ MAX_LIMIT = 1000
 
 @dataclass(frozen=True)
 class AdminRoute:
-    scope: MemoryScope
+    memory: Scope
     action: str  # "search", "recent", "export" or "delete"
 
 
@@ -52,22 +52,8 @@ def match_admin_route(method: str, raw_path: bytes) -> AdminRoute | None:
         ("DELETE", ""),
     }:
         return None
-    scope = MemoryScope(decode_name("partition", found["p"]), decode_name("instance", found["i"]))
-    return AdminRoute(scope, action or "delete")
-
-
-def authorised(scope: Scope, admin_key: str) -> bool:
-    admin = KeySet([admin_key])
-    for name, value in scope.get("headers") or []:
-        lowered = name.lower()
-        given = None
-        if lowered == b"authorization" and value[:7].lower() == b"bearer ":
-            given = value[7:].strip()
-        elif lowered == b"x-reservoir-admin-key":
-            given = value.strip()
-        if given is not None and given in admin:
-            return True
-    return False
+    memory = Scope(decode_name("partition", found["p"]), decode_name("instance", found["i"]))
+    return AdminRoute(memory, action or "delete")
 
 
 def _limit(query: dict[str, list[str]], default: int) -> int:
@@ -78,10 +64,10 @@ def _limit(query: dict[str, list[str]], default: int) -> int:
 
 
 async def serve_admin(
-    reservoir: Reservoir, route: AdminRoute, scope: Scope, receive: Receive, send: Send
+    reservoir: Reservoir, route: AdminRoute, scope: ASGIScope, receive: Receive, send: Send
 ) -> None:
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    memory = route.scope
+    memory = route.memory
     response: Response
     try:
         if route.action == "search":

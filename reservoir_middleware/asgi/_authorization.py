@@ -16,40 +16,17 @@ Error messages name the partition, never the key.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
-from starlette.types import Scope as AsgiScope
+from starlette.types import Scope as ASGIScope
 from starlette.types import Send
 
+from reservoir_middleware._credentials import partition_key
 from reservoir_middleware._logs import log_failure
 from reservoir_middleware.asgi._replies import send_error
 from reservoir_middleware.plugins import Hooks, Verdict
 from reservoir_middleware.records import Scope
-
-KEY_HEADER = b"x-reservoir-key"
-
-
-def request_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """`X-Reservoir-Key`, else the Bearer token of `Authorization`; blank is absent."""
-    explicit = bearer = None
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == KEY_HEADER and explicit is None:
-            explicit = _text(value.strip()) or None
-        elif lowered == b"authorization" and bearer is None:
-            scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer":
-                bearer = _text(token.strip()) or None
-    return explicit or bearer
-
-
-def _text(value: bytes) -> str:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
 
 
 @dataclass(frozen=True)
@@ -64,11 +41,11 @@ class Refusal:
 
 
 async def check_access(
-    hooks: Hooks, memory: Scope, asgi_scope: AsgiScope, *, required: bool, timeout: float
+    hooks: Hooks, memory: Scope, asgi_scope: ASGIScope, *, required: bool, timeout: float
 ) -> Refusal | None:
     """None when the request may use `memory`; else how to refuse it."""
     raw = asgi_scope.get("headers") or []
-    key = request_key(raw)
+    key = partition_key(raw)
     check = asyncio.ensure_future(hooks.authorize(memory, key, Headers(raw=raw)))
     # not wait_for: it would wait for a blocking plugin's thread to finish
     done, _ = await asyncio.wait({check}, timeout=timeout)

@@ -17,11 +17,12 @@ from typing import Any
 from urllib.parse import quote
 
 import anyio.to_thread
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as ASGIScope
 
-from reservoir_middleware._credentials import KeySet, app_headers
+from reservoir_middleware._credentials import KeySet, app_headers, carries_admin_key
 from reservoir_middleware._logs import log_failure
-from reservoir_middleware.asgi._admin import authorised, match_admin_route, serve_admin
+from reservoir_middleware.asgi._admin import match_admin_route, serve_admin
 from reservoir_middleware.asgi._answer import JsonAssembler, StreamAssembler, make_assembler
 from reservoir_middleware.asgi._authorization import check_access
 from reservoir_middleware.asgi._replies import (
@@ -33,7 +34,7 @@ from reservoir_middleware.asgi._replies import (
 from reservoir_middleware.asgi._routes import ChatRoute, match_chat_route
 from reservoir_middleware.engine import Enrichment, InvalidChatRequest, Reservoir
 from reservoir_middleware.memory.validation import InvalidName
-from reservoir_middleware.records import Scope as MemoryScope
+from reservoir_middleware.records import Scope
 from reservoir_middleware.settings import ReservoirSettings
 
 DEGRADED = (STATUS_HEADER, b"degraded")
@@ -63,7 +64,7 @@ class ReservoirMiddleware:
         )
         self.admin_keys = KeySet([self.settings.admin_key, self.reservoir.settings.admin_key])
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         if scope.get(HANDLED):  # an outer copy of this middleware does the work
             await self.app(scope, receive, send)
             return
@@ -84,7 +85,7 @@ class ReservoirMiddleware:
             await send_error(send, 400, "invalid_request", str(exc))
             return
         if admin is not None and admin_key:
-            if not authorised(scope, admin_key):
+            if not carries_admin_key(scope.get("headers") or [], KeySet([admin_key])):
                 await send_error(send, 401, "unauthorized", "the admin key is required")
                 return
             await serve_admin(self.reservoir, admin, scope, receive, send)
@@ -94,7 +95,7 @@ class ReservoirMiddleware:
             return
         refusal = await check_access(  # on the headers as sent: X-Reservoir-Key
             self.reservoir.hooks,
-            MemoryScope(route.partition, route.instance),
+            Scope(route.partition, route.instance),
             scope,
             required=self.keys_required,
             timeout=self.settings.memory_timeout_ms / 1000,
@@ -106,7 +107,7 @@ class ReservoirMiddleware:
         exchange = ChatExchange(self.app, self.reservoir, self.settings, route, app_scope)
         await exchange.run(receive, send)
 
-    def _for_the_app(self, scope: Scope) -> Scope:
+    def _for_the_app(self, scope: ASGIScope) -> ASGIScope:
         """The scope without our own headers (partition, instance and keys are read by
         now), marked as handled."""
         if scope["type"] not in ("http", "websocket"):
@@ -157,7 +158,7 @@ class ChatExchange:
         reservoir: Reservoir,
         settings: ReservoirSettings,
         route: ChatRoute,
-        scope: Scope,
+        scope: ASGIScope,
     ) -> None:
         self.app = app
         self.reservoir = reservoir

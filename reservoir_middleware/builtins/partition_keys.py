@@ -11,11 +11,10 @@ that nobody granted whenever the table is not empty.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 
-from reservoir_middleware._credentials import digest
+from reservoir_middleware._credentials import KeyTable
 from reservoir_middleware.hookspecs import hookimpl
 from reservoir_middleware.records import Scope
 
@@ -29,7 +28,7 @@ class PartitionKeys:
     name = "partition-keys"
 
     def __init__(self, table: Mapping[str, Sequence[str]]) -> None:
-        self._table = [(digest(key), tuple(patterns)) for key, patterns in table.items()]
+        self._table = KeyTable((key, tuple(patterns)) for key, patterns in table.items())
 
     @hookimpl
     async def reservoir_authorize(self, scope: Scope, key: str | None) -> bool | None:
@@ -37,11 +36,7 @@ class PartitionKeys:
         The key's digest is compared with every entry's: timing tells nothing of a key."""
         if key is None or not self._table:
             return None
-        given = digest(key)
-        patterns: tuple[str, ...] = ()
-        for known, entry in self._table:
-            if hmac.compare_digest(given, known):
-                patterns = entry
+        patterns = self._table.find(key) or ()
         if grants(patterns, scope.partition):
             return True
         return None

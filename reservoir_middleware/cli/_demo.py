@@ -14,7 +14,6 @@ import json
 import os
 import tempfile
 import textwrap
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from reservoir_middleware.asgi._replies import chat_completion
 from reservoir_middleware.gateway.app import create_app
 from reservoir_middleware.settings import ProviderSettings, ReservoirSettings
 
@@ -47,22 +47,7 @@ def standin_app() -> Starlette:
         text = f"[stand-in model, not an LLM] I was sent {len(messages)} message(s)."
         if lines:
             text += " Besides your question, they held:\n" + "\n".join(lines)
-        return JSONResponse(
-            {
-                "id": "chatcmpl-demo",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": STANDIN_MODEL,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-            }
-        )
+        return JSONResponse(chat_completion(text, STANDIN_MODEL, completion_id="chatcmpl-demo"))
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": STANDIN_MODEL, "object": "model"}]})

@@ -7,10 +7,11 @@ import time
 from collections import deque
 from urllib.parse import quote
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as ASGIScope
 
-from reservoir_middleware._credentials import KeySet, header_token
-from reservoir_middleware.asgi._admin import authorised, match_admin_route
+from reservoir_middleware._credentials import KeySet, api_key, carries_admin_key
+from reservoir_middleware.asgi._admin import match_admin_route
 from reservoir_middleware.asgi._replies import send_error
 from reservoir_middleware.memory.validation import InvalidName
 from reservoir_middleware.settings import ReservoirSettings
@@ -26,19 +27,18 @@ class AccessMiddleware:
     def __init__(self, app: ASGIApp, *, settings: ReservoirSettings) -> None:
         self.app = app
         self.keys = KeySet(settings.api_keys)
-        self.admin_key = settings.admin_key
+        self.admin_keys = KeySet([settings.admin_key])
         self.per_minute = settings.rate_limit_per_minute
         self.windows: dict[str, deque[float]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.admin_key and self._admin_request(scope):
+        if self.admin_keys and self._admin_request(scope):
             await self.app(scope, receive, send)
             return
-        headers = {k.lower(): v for k, v in scope.get("headers") or []}
-        token = headers.get(b"x-api-key") or header_token(headers.get(b"authorization", b""))
+        token = api_key(scope.get("headers") or [])
         if self.keys and token not in self.keys:
             await send_error(
                 send,
@@ -62,15 +62,14 @@ class AccessMiddleware:
                 return
         await self.app(scope, receive, send)
 
-    def _admin_request(self, scope: Scope) -> bool:
+    def _admin_request(self, scope: ASGIScope) -> bool:
         """An admin endpoint, with the admin key: the only request the admin key lets pass."""
         raw_path = scope.get("raw_path") or quote(scope["path"]).encode("latin-1")
         try:
             route = match_admin_route(scope["method"], raw_path)
         except InvalidName:  # answered 400 by the memory middleware, if the keys let it pass
             return False
-        admin_key = self.admin_key
-        return route is not None and admin_key is not None and authorised(scope, admin_key)
+        return route is not None and carries_admin_key(scope.get("headers") or [], self.admin_keys)
 
     def _spend(self, who: str) -> int:
         """0 if the request may go, else the seconds until it may."""
