@@ -13,15 +13,7 @@ from reservoir_middleware import MessageRecord, Reservoir, Scope, hookimpl
 from reservoir_middleware.memory.embeddings import MiniLMEmbedding
 from reservoir_middleware.storage.inmemory import InMemoryStore
 from tests.conftest import make_settings
-
-CONVERSATION = [
-    ("user", "I just adopted a rescue greyhound named Comet."),
-    ("assistant", "Congratulations on adopting Comet!"),
-    ("user", "My favourite food is spicy Sichuan noodles."),
-    ("assistant", "Sichuan noodles are delicious."),
-    ("user", "I am training for the Berlin marathon in September."),
-    ("assistant", "Good luck with the marathon training."),
-]
+from tests.test_engine import CONVERSATION
 
 
 def messages(pairs: list[tuple[str, str]] = CONVERSATION) -> list[dict[str, str]]:

@@ -18,18 +18,11 @@ from reservoir_middleware.records import embedding_text
 from reservoir_middleware.storage.chroma import ChromaStore
 from reservoir_middleware.storage.inmemory import InMemoryStore
 from reservoir_middleware.store import EmbeddingMismatch, Location, MemoryStore, Storage
-from tests.memory_fixtures import vectors
+from tests.memory_fixtures import CONVERSATION, vectors
 
 MODEL = MiniLMEmbedding.model_name
 SCOPE = Scope("p", "i")
-TEXTS = [
-    ("user", "I just adopted a rescue greyhound named Comet."),
-    ("assistant", "Congratulations on adopting Comet!"),
-    ("user", "My favourite food is spicy Sichuan noodles."),
-    ("assistant", "Sichuan noodles are delicious."),
-    ("user", "I am training for the Berlin marathon in September."),
-    ("assistant", "Good luck with the marathon training."),
-]
+TEXTS = CONVERSATION
 
 
 def records(scope: Scope = SCOPE, texts: list[tuple[str, str]] = TEXTS) -> list[MessageRecord]:
