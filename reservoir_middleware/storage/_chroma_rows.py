@@ -1,14 +1,17 @@
 """How a message record is kept in Chroma: one collection per scope (named by a
-hash of the scope), the text as the document, the other fields as metadata."""
+hash of the scope), the text as the document, the other fields as metadata;
+and the questions `ChromaStore` asks a collection when its caches cannot answer."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
 from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.store import Tail
 
 COLLECTION_PREFIX = "rsv-"
 _RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
@@ -49,3 +52,104 @@ def _records_in_order(result: Any) -> list[MessageRecord]:
     docs = result.get("documents") or [None] * len(result["ids"])
     metas = result.get("metadatas") or [None] * len(result["ids"])
     return [_record(i, d, m) for i, d, m in zip(result["ids"], docs, metas, strict=True)]
+
+
+def scopes(collections: Sequence[Any], partition: str | None) -> list[Scope]:
+    """The scopes (of `partition` if given) whose collections these are."""
+    out = []
+    for col in collections:
+        meta = col.metadata or {}
+        if not col.name.startswith(COLLECTION_PREFIX) or "partition" not in meta:
+            continue
+        if partition is None or meta["partition"] == partition:
+            out.append(Scope(str(meta["partition"]), str(meta.get("instance", ""))))
+    return sorted(out, key=lambda s: (s.partition, s.instance))
+
+
+# -- what a collection is asked (`col` is a Chroma collection handle) ---------
+
+
+def query(col: Any, embedding: Sequence[float], limit: int) -> list[tuple[MessageRecord, float]]:
+    result = col.query(
+        query_embeddings=[list(embedding)],
+        n_results=limit,
+        include=["documents", "metadatas", "distances"],
+    )
+    ids = result["ids"][0]
+    return [
+        (_record(i, d, m), 1.0 - float(dist))
+        for i, d, m, dist in zip(
+            ids,
+            result["documents"][0],
+            result["metadatas"][0],
+            result["distances"][0],
+            strict=True,
+        )
+    ]
+
+
+def nearest(col: Any, embedding: Sequence[float], limit: int) -> list[tuple[str, float]]:
+    result = col.query(query_embeddings=[list(embedding)], n_results=limit, include=["distances"])
+    return [
+        (i, 1.0 - float(dist))
+        for i, dist in zip(result["ids"][0], result["distances"][0], strict=True)
+    ]
+
+
+def newest(col: Any, limit: int) -> list[MessageRecord]:
+    total = col.count()
+    result = col.get(where={"seq": {"$gte": total - limit}}, include=["documents", "metadatas"])
+    return _records(result)[-limit:]
+
+
+def page(col: Any, offset: int, limit: int) -> tuple[list[MessageRecord], Any]:
+    """Records in the store's order, with their embeddings (for `_mirror`)."""
+    result = col.get(include=["documents", "metadatas", "embeddings"], offset=offset, limit=limit)
+    return _records_in_order(result), result.get("embeddings")
+
+
+def by_ids(col: Any, ids: Sequence[str]) -> list[MessageRecord]:
+    unique = list(dict.fromkeys(ids))
+    return _records(col.get(ids=unique, include=["documents", "metadatas"]))
+
+
+def documents(col: Any, offset: int, limit: int, min_seq: int | None) -> list[tuple[str, str]]:
+    where = {"seq": {"$gte": min_seq}} if min_seq is not None else None
+    result = col.get(include=["documents"], where=where, offset=offset, limit=limit)
+    docs = result.get("documents") or [None] * len(result["ids"])
+    return [(i, d or "") for i, d in zip(result["ids"], docs, strict=True)]
+
+
+def existing(col: Any, ids: Sequence[str]) -> set[str]:
+    return set(col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"])
+
+
+def traces(col: Any, trace_ids: Sequence[str]) -> set[str]:
+    wanted = list(dict.fromkeys(trace_ids))
+    where = {"trace_id": wanted[0]} if len(wanted) == 1 else {"trace_id": {"$in": wanted}}
+    result = col.get(where=where, include=["metadatas"])
+    return {str(m.get("trace_id")) for m in result.get("metadatas") or [] if m}
+
+
+def keyword(col: Any, terms: Sequence[str], limit: int) -> list[MessageRecord]:
+    clauses: list[dict[str, Any]] = [{"$contains": t} for t in terms]
+    where_document = clauses[0] if len(clauses) == 1 else {"$or": clauses}
+    result = col.get(where_document=where_document, limit=limit, include=["documents", "metadatas"])
+    return _records(result)
+
+
+def tail(col: Any) -> Tail:
+    """The next sequence number and the last message with its embedding."""
+    total = col.count()
+    if total == 0:
+        return 0, None, None
+    result = col.get(
+        where={"seq": {"$gte": total - 1}}, include=["documents", "metadatas", "embeddings"]
+    )
+    if not result["ids"]:
+        return total, None, None
+    records = _records(result)
+    last = records[-1]
+    index = result["ids"].index(last.id)
+    embedding = [float(x) for x in result["embeddings"][index]]
+    return max(total, last.seq + 1), last, embedding
