@@ -35,7 +35,7 @@ def chroma_children(pid: int) -> set[int]:
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{entry}/stat").read_text()
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"chroma_server" in cmdline:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"storage._child" in cmdline:
                 found.add(int(entry))
     return found
 
