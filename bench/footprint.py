@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 
 PARTITION, INSTANCE = "bench", "footprint"
+IDLE_S = 3.0  # the child gives freed buffers back after 2 s without work
 ADMIN_KEY = "footprint-admin-key"
 QUESTIONS = (
     "My sister Ana moved to Porto last spring and now runs a small bakery there.",
@@ -309,46 +310,67 @@ def report(found: dict[str, dict[str, float]]) -> str:
 
 # -- --imports: the cost of each step --------------------------------------------------
 
+# (what the table says, the code run); each process's steps in one fresh interpreter
 STEPS = {
     "gateway (reservoir serve)": [
-        "import reservoir_middleware.cli.main",
-        "import reservoir_middleware.gateway.app",
-        "import uvicorn",
-        "import chromadb",
-        "from reservoir_middleware.memory.tokens import get_encoding; get_encoding('o200k_base')",
-        "get_encoding('cl100k_base')",
-        "from reservoir_middleware.memory.embeddings import MiniLMEmbedding as M; "
-        "m = M(threads=2); m.load()",
-        "m.embed(['what did I tell you about my sister?'])",
-        "m.embed(['a longer answer ' * 60] * 8)",
-        "import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)",
+        ("import reservoir_middleware.cli.main", "import reservoir_middleware.cli.main"),
+        ("import reservoir_middleware.gateway.app", "import reservoir_middleware.gateway.app"),
+        ("import uvicorn", "import uvicorn"),
+        (
+            "the o200k_base encoding",
+            "from reservoir_middleware.memory.tokens import get_encoding"
+            "\nget_encoding('o200k_base')",
+        ),
+        ("the cl100k_base encoding (GPT-4 / 3.5)", "get_encoding('cl100k_base')"),
+        (
+            "the embedding model (2 threads)",
+            "from reservoir_middleware.memory.embeddings import "
+            "MiniLMEmbedding\nmodel = MiniLMEmbedding(threads=2)\nmodel.load()",
+        ),
+        ("embed a query", "model.embed(['what did I tell you about my sister?'])"),
+        ("embed 8 long answers", "model.embed(['a longer answer about the bakery ' * 40] * 8)"),
+        ("malloc_trim", "import ctypes\nctypes.CDLL(None).malloc_trim(0)"),
     ],
-    "chroma child": [
-        "import reservoir_middleware.storage._child",
-        "import chromadb_rust_bindings",
-        "from reservoir_middleware.memory.embeddings import MiniLMEmbedding as M; "
-        "m = M(threads=1); m.load()",
-        "m.embed(['a longer answer ' * 60] * 8)",
-        "import ctypes; ctypes.CDLL('libc.so.6').malloc_trim(0)",
+    "chroma child (its embedding loop, on a socket pair)": [
+        (
+            "import reservoir_middleware.storage._child",
+            "import reservoir_middleware.storage._child",
+        ),
+        ("import chromadb_rust_bindings (the server)", "import chromadb_rust_bindings"),
+        ("load the model, embed a question", "ask(['what did I tell you about my sister?'])"),
+        ("embed 8 long answers", "ask(['a longer answer about the bakery ' * 40] * 8)"),
+        (f"idle {IDLE_S:.0f} s", f"time.sleep({IDLE_S})"),
     ],
 }
 
 STEP_RUNNER = """
-import sys, time
+import json, socket, struct, sys, threading, time
 def rss():
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS'):
             return int(line.split()[1]) / 1024
-env, prev = {}, rss()
+def ask(texts):  # what ChromaServer.embed sends the child
+    global ours
+    if 'ours' not in globals():
+        from reservoir_middleware.storage import _child
+        ours, theirs = socket.socketpair()
+        threading.Thread(target=_child._serve_embeddings, args=(theirs, 1), daemon=True).start()
+    payload = json.dumps(texts).encode()
+    ours.sendall(struct.pack('!I', len(payload)) + payload)
+    from reservoir_middleware.storage._child import _recv_exact
+    status, size = struct.unpack('!II', _recv_exact(ours, 8))
+    assert status == 0, _recv_exact(ours, size)
+    _recv_exact(ours, size)
+env, prev = {'ask': ask, 'time': time}, rss()
 print(f"| (interpreter) | {prev:.1f} | | |")
-for step in sys.argv[1:]:
+for label, step in zip(sys.argv[1::2], sys.argv[2::2]):
     start = time.perf_counter()
     exec(step, env)
     now = rss()
     heavy = sorted(m for m in ('chromadb', 'onnxruntime', 'tokenizers', 'tiktoken', 'numpy',
-        'pydantic', 'httpx', 'starlette', 'litellm', 'hnswlib', 'fastapi', 'opentelemetry')
+        'pydantic', 'httpx', 'starlette', 'litellm', 'fastapi', 'opentelemetry')
         if m in sys.modules)
-    print(f"| `{step}` | {now - prev:+.1f} | {(time.perf_counter() - start) * 1000:.0f} "
+    print(f"| {label} | {now - prev:+.1f} | {(time.perf_counter() - start) * 1000:.0f} "
           f"| {len(sys.modules)}: {', '.join(heavy)} |")
     prev = now
 """
@@ -358,7 +380,7 @@ def imports_report() -> str:
     out = []
     for process, steps in STEPS.items():
         result = subprocess.run(
-            [sys.executable, "-c", STEP_RUNNER, *steps],
+            [sys.executable, "-c", STEP_RUNNER, *(part for step in steps for part in step)],
             capture_output=True,
             text=True,
             timeout=300,

