@@ -2,6 +2,7 @@
 
     python bench/footprint.py               # the RSS table: ~30 s
     python bench/footprint.py --imports     # and what each import / load step costs
+    cd /tmp && PYTHONPATH=/path/to/other/tree python /path/to/bench/footprint.py  # another tree
 
 **Processes.** In child processes on 127.0.0.1: a stand-in model (a tiny
 Starlette app answering every chat request at once), `reservoir serve` with
@@ -11,17 +12,16 @@ at the stand-in; and the baseline "bare": a Starlette app that forwards the
 chat request to the stand-in with httpx, the gateway's shape without memory.
 
 **Sequence.** Once the gateway is up and idle (its warm-up done), each server
-gets one chat request; the gateway's is stored
-(its question and answer show up in `memory/recent`), then a second request
-goes out and is stored too. Then we wait until the processes are idle (their
-CPU time stands still for 2 s) and read VmRSS, RssAnon and VmHWM (peak) from
-/proc/<pid>/status `--samples` times, `--interval` s apart; the table shows
-the median RSS and the last peak. The Chroma child is found as the gateway's
-child process.
+gets one chat request; once the gateway's is stored (question and answer in
+`memory/recent`), a second one, stored too. Then we wait until the processes
+are idle (their CPU time stands still for 2 s) and read VmRSS, RssAnon and
+VmHWM (peak) from /proc/<pid>/status `--samples` times, `--interval` s apart:
+the median RSS and the last peak. The Chroma child is the gateway's child
+process.
 
-**--imports** runs, each in a fresh interpreter, the steps the two processes
-take (imports, the token encodings, the embedding model, one embedding, a
-`malloc_trim`) and prints the RSS each step adds.
+**--imports** runs, in a fresh interpreter per process, the steps each takes
+(imports, token encodings, the embedding model, embeddings; the child's own
+embedding loop on a socket pair) and prints the RSS each step adds.
 """
 
 from __future__ import annotations
@@ -310,33 +310,30 @@ def report(found: dict[str, dict[str, float]]) -> str:
 
 # -- --imports: the cost of each step --------------------------------------------------
 
-# (what the table says, the code run); each process's steps in one fresh interpreter
-STEPS = {
+# (what the table says, the code run), or the code alone; each process in a fresh interpreter
+STEPS: dict[str, list[str | tuple[str, str]]] = {
     "gateway (reservoir serve)": [
-        ("import reservoir_middleware.cli.main", "import reservoir_middleware.cli.main"),
-        ("import reservoir_middleware.gateway.app", "import reservoir_middleware.gateway.app"),
-        ("import uvicorn", "import uvicorn"),
+        "import reservoir_middleware.cli.main",
+        "import reservoir_middleware.gateway.app",
+        "import uvicorn",
         (
             "the o200k_base encoding",
-            "from reservoir_middleware.memory.tokens import get_encoding"
-            "\nget_encoding('o200k_base')",
+            "from reservoir_middleware.memory.tokens import get_encoding\n"
+            "get_encoding('o200k_base')",
         ),
         ("the cl100k_base encoding (GPT-4 / 3.5)", "get_encoding('cl100k_base')"),
         (
             "the embedding model (2 threads)",
-            "from reservoir_middleware.memory.embeddings import "
-            "MiniLMEmbedding\nmodel = MiniLMEmbedding(threads=2)\nmodel.load()",
+            "from reservoir_middleware.memory.embeddings import MiniLMEmbedding\n"
+            "model = MiniLMEmbedding(threads=2)\nmodel.load()",
         ),
         ("embed a query", "model.embed(['what did I tell you about my sister?'])"),
         ("embed 8 long answers", "model.embed(['a longer answer about the bakery ' * 40] * 8)"),
         ("malloc_trim", "import ctypes\nctypes.CDLL(None).malloc_trim(0)"),
     ],
     "chroma child (its embedding loop, on a socket pair)": [
-        (
-            "import reservoir_middleware.storage._child",
-            "import reservoir_middleware.storage._child",
-        ),
-        ("import chromadb_rust_bindings (the server)", "import chromadb_rust_bindings"),
+        "import reservoir_middleware.storage._child",
+        "import chromadb_rust_bindings",
         ("load the model, embed a question", "ask(['what did I tell you about my sister?'])"),
         ("embed 8 long answers", "ask(['a longer answer about the bakery ' * 40] * 8)"),
         (f"idle {IDLE_S:.0f} s", f"time.sleep({IDLE_S})"),
@@ -376,11 +373,15 @@ for label, step in zip(sys.argv[1::2], sys.argv[2::2]):
 """
 
 
+def _pair(step: str | tuple[str, str]) -> tuple[str, str]:
+    return (step, step) if isinstance(step, str) else step
+
+
 def imports_report() -> str:
     out = []
     for process, steps in STEPS.items():
         result = subprocess.run(
-            [sys.executable, "-c", STEP_RUNNER, *(part for step in steps for part in step)],
+            [sys.executable, "-c", STEP_RUNNER, *(p for s in steps for p in _pair(s))],
             capture_output=True,
             text=True,
             timeout=300,
