@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from reservoir_middleware import _malloc
-from reservoir_middleware.memory import _minilm, tokens
+from reservoir_middleware.memory import _minilm, _onnxgraph, tokens
 from reservoir_middleware.storage._child import TRIM_AFTER_IDLE_S, ChromaServer
 
 MIB = 1024 * 1024
@@ -93,6 +93,11 @@ def test_the_word_embeddings_stay_int8_with_the_same_outputs() -> None:
 
     runtime = _minilm._load_runtime(1)
     model, _ = _minilm._model_file()
+    shipped = model.read_bytes()
+    assert _onnxgraph.gather_quantized(shipped, _minilm.WORD_EMBEDDINGS) != shipped
+    for table, data in (("no.such.table", shipped), (_minilm.WORD_EMBEDDINGS, b"\x0f")):
+        with pytest.raises(_onnxgraph.NotRewritable):  # then the file is loaded as it is
+            _onnxgraph.gather_quantized(data, table)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     original = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
