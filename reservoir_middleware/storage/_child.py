@@ -28,6 +28,7 @@ import http.client
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from reservoir_middleware._malloc import return_large_blocks, trim
 from reservoir_middleware._private import PRIVATE_UMASK, private_open
 
 logger = logging.getLogger("reservoir")
@@ -46,6 +48,7 @@ logger = logging.getLogger("reservoir")
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 EMBED_TIMEOUT_S = 60.0
+TRIM_AFTER_IDLE_S = 2.0  # no embedding for this long: freed buffers go back to the system
 NICENESS = 10  # writes yield the CPU to requests when both want it
 LOG_FILE = "chroma-server.log"
 
@@ -271,18 +274,22 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 
 def _serve_embeddings(sock: socket.socket, threads: int) -> None:
     """Answer embedding requests from the parent until it closes the socket."""
-    from reservoir_middleware.memory.embeddings import MiniLMEmbedding
+    from reservoir_middleware.memory import _minilm  # not `embeddings`: no chromadb here
 
-    model = MiniLMEmbedding(threads=threads)
-    model.load()
+    _minilm.load(threads)
+    trimmed = True  # nothing embedded since the last trim
     while True:
         try:
+            if not trimmed and not select.select([sock], [], [], TRIM_AFTER_IDLE_S)[0]:
+                trim()  # idle: give back what the last batches' buffers left in the heap
+                trimmed = True
             (size,) = struct.unpack("!I", _recv_exact(sock, 4))
+            trimmed = False
             texts = json.loads(_recv_exact(sock, size).decode("utf-8", "surrogatepass"))
         except (OSError, ValueError):
             return
         try:
-            vectors = np.stack(model.embed(texts)).astype(np.float32)
+            vectors = np.stack(_minilm.embed(texts, threads=threads)).astype(np.float32)
             status, body = 0, vectors.tobytes()
         except Exception as exc:  # answered, not fatal: the parent embeds itself
             status, body = 1, f"{type(exc).__name__}: {exc}".encode()
@@ -319,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embed-threads", type=int, default=1)
     args = parser.parse_args(argv)
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
+    return_large_blocks()  # the buffers of a batch of long answers: freed, not kept
     if hasattr(os, "nice"):
         with contextlib.suppress(OSError):
             os.nice(NICENESS)
