@@ -10,13 +10,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware, ReservoirSettings
 from reservoir_middleware.cli._demo import served
+from reservoir_middleware.storage.chroma import ChromaStore
 from tests.upstream import Upstream
 
 
@@ -111,8 +112,21 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
+def chroma_store(reservoir: Reservoir) -> ChromaStore:
+    """The engine's store as the Chroma implementation, for tests about Chroma's parts
+    (the engine is typed against the `Storage` protocol)."""
+    return cast(ChromaStore, reservoir.store)
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> ReservoirSettings:
-    return ReservoirSettings(**{"data_dir": tmp_path / "memory", **overrides})
+    """Settings on a data directory of the test's own, with Chroma inline.
+
+    Starting the Chroma child (the default) takes seconds: a Python process that
+    imports Chroma and loads the embedding model, most of such a test's time.
+    The tests about the child ask for it (`chroma_process="child"`, or settings
+    of their own), and `reservoir serve` started as a command keeps its default."""
+    defaults: dict[str, Any] = {"data_dir": tmp_path / "memory", "chroma_process": "inline"}
+    return ReservoirSettings(**{**defaults, **overrides})
 
 
 @dataclass
