@@ -20,6 +20,32 @@ from reservoir_middleware.cli._demo import served
 from reservoir_middleware.storage.chroma import ChromaStore
 from tests.upstream import Upstream
 
+# Modules whose tests share a module-scoped server that takes long to start (the
+# LiteLLM proxy): pytest-xdist sends each of them to one worker as a whole, so that
+# the server starts once. (xdist's own `xdist_group` mark does not group on pytest 9:
+# it rewrites an attribute of the test's node id that pytest 9 no longer reads.)
+SHARED_SERVER_MODULES = frozenset({"tests/test_litellm_proxy.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: spread over the workers from the start, they do not
+    leave one worker running the last of them alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist load`, except that a module of SHARED_SERVER_MODULES is one unit."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist is untyped
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_SERVER_MODULES else nodeid
+
+    return Scheduling(config, log)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:

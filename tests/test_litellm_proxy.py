@@ -34,9 +34,6 @@ from tests.conftest import free_port
 from tests.servers import serve_in_thread
 from tests.upstream import Reply, Upstream, sse
 
-# one worker (pytest-xdist) runs this module: the proxy is started once for it
-pytestmark = pytest.mark.xdist_group("litellm-proxy")
-
 ROOT = Path(__file__).resolve().parents[1]
 PROXY = ROOT / "examples" / "litellm" / "proxy.py"
 STARTUP_TIMEOUT = 90.0
