@@ -10,14 +10,41 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware, ReservoirSettings
 from reservoir_middleware.cli._demo import served
+from reservoir_middleware.storage.chroma import ChromaStore
 from tests.upstream import Upstream
+
+# Modules whose tests share a module-scoped server that takes long to start (the
+# LiteLLM proxy): pytest-xdist sends each of them to one worker as a whole, so that
+# the server starts once. (xdist's own `xdist_group` mark does not group on pytest 9:
+# it rewrites an attribute of the test's node id that pytest 9 no longer reads.)
+SHARED_SERVER_MODULES = frozenset({"tests/test_litellm_proxy.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: spread over the workers from the start, they do not
+    leave one worker running the last of them alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist load`, except that a module of SHARED_SERVER_MODULES is one unit."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist is untyped
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_SERVER_MODULES else nodeid
+
+    return Scheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
@@ -111,8 +138,21 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
+def chroma_store(reservoir: Reservoir) -> ChromaStore:
+    """The engine's store as the Chroma implementation, for tests about Chroma's parts
+    (the engine is typed against the `Storage` protocol)."""
+    return cast(ChromaStore, reservoir.store)
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> ReservoirSettings:
-    return ReservoirSettings(**{"data_dir": tmp_path / "memory", **overrides})
+    """Settings on a data directory of the test's own, with Chroma inline.
+
+    Starting the Chroma child (the default) takes seconds: a Python process that
+    imports Chroma and loads the embedding model, most of such a test's time.
+    The tests about the child ask for it (`chroma_process="child"`, or settings
+    of their own), and `reservoir serve` started as a command keeps its default."""
+    defaults: dict[str, Any] = {"data_dir": tmp_path / "memory", "chroma_process": "inline"}
+    return ReservoirSettings(**{**defaults, **overrides})
 
 
 @dataclass

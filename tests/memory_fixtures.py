@@ -13,7 +13,7 @@ from reservoir_middleware import MessageRecord, Reservoir, Scope, hookimpl
 from reservoir_middleware.memory.embeddings import MiniLMEmbedding
 from reservoir_middleware.storage.inmemory import InMemoryStore
 from tests.conftest import make_settings
-from tests.test_engine import CONVERSATION
+from tests.test_engine import CONVERSATION as CONVERSATION
 
 
 def messages(pairs: list[tuple[str, str]] = CONVERSATION) -> list[dict[str, str]]:

@@ -39,7 +39,8 @@ def chat_body(text: str = "hello") -> dict[str, Any]:
     return {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
 
 
-def bearer(key: str | bytes) -> dict[str, bytes]:
+def bearer(key: str | bytes) -> dict[str, Any]:
+    """A header of raw bytes (httpx sends them as they are; its types want str or bytes keys)."""
     raw = key if isinstance(key, bytes) else key.encode()
     return {"Authorization": b"Bearer " + raw}
 

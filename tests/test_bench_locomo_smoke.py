@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT / "tests" / "fixtures" / "locomo"  # a small conversation written for this test
 

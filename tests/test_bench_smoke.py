@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = r"\s+-?\d+\.\d+\s+\|"
 MARK = r"\s+(pass|FAIL)\s+\|"

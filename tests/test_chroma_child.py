@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -20,10 +21,11 @@ from openai import AsyncOpenAI
 
 from reservoir_middleware import Reservoir, ReservoirSettings
 from reservoir_middleware.records import Scope
-from tests.conftest import free_port, running, serve
+from tests.conftest import chroma_store, free_port, running, serve
 from tests.upstream import Upstream
 
 SCRIPT = str(Path(sys.executable).with_name("reservoir"))
+CHILD_MODULE = b"reservoir_middleware.storage._child"  # `python -m` of the Chroma child
 
 
 def chroma_children(pid: int) -> set[int]:
@@ -35,7 +37,7 @@ def chroma_children(pid: int) -> set[int]:
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{entry}/stat").read_text()
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"storage._child" in cmdline:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and CHILD_MODULE in cmdline:
                 found.add(int(entry))
     return found
 
@@ -64,6 +66,7 @@ def count_inline(data_dir: Path, scope: Scope) -> int:
     return Reservoir(settings).store.count(scope)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_the_child_dies_with_the_gateway_and_what_was_answered_is_kept(
     tmp_path: Path,
@@ -112,11 +115,12 @@ async def test_the_child_dies_with_the_gateway_and_what_was_answered_is_kept(
     assert sum(t.startswith("Echo:") for t in texts) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_killed_child_is_started_again_and_memory_goes_on(tmp_path: Path) -> None:
     engine = Reservoir(ReservoirSettings(data_dir=tmp_path / "memory"))
     await engine.warm_up()
-    server = engine.store.server
+    server = chroma_store(engine).server
     assert server is not None and server.alive()
     first = server._proc.pid if server._proc is not None else 0
     assert first in chroma_children(os.getpid())
@@ -139,7 +143,7 @@ async def test_a_killed_child_is_started_again_and_memory_goes_on(tmp_path: Path
 async def test_the_child_embeds_like_this_process(tmp_path: Path) -> None:
     engine = Reservoir(ReservoirSettings(data_dir=tmp_path / "memory"))
     await engine.warm_up()
-    server = engine.store.server
+    server = chroma_store(engine).server
     assert server is not None and server.embed_threads
     texts = ["Café au lait ☕ at 7", "the quarterly report is due on Friday", "x" * 3000]
     theirs = server.embed(texts)
@@ -173,13 +177,13 @@ async def test_the_in_memory_index_finds_the_nearest_messages(tmp_path: Path) ->
     await engine.add("p", "i", messages)
     await engine.preload("p", "i")  # the scope's copy and its HNSW index
     scope = Scope("p", "i")
-    collection = engine.store.collection(scope)
+    collection = chroma_store(engine).collection(scope)
     assert collection is not None
     stored = collection.get(include=["embeddings"])  # the exact answer, by brute force
     matrix = np.asarray(stored["embeddings"], dtype=np.float64)
     overlap = []
     for query in ("w1 w2 w3", "number 700", "w399 w12 w77 w5", "something else entirely"):
-        vector = engine.embedder([query])[0]
+        vector = cast("list[float]", engine.embedder([query])[0])  # an array: a sequence
         exact = {stored["ids"][i] for i in np.argsort(-(matrix @ vector))[:20]}
         ours = engine.store.nearest(scope, vector, 20)
         assert len(ours) == 20 and ours == sorted(ours, key=lambda hit: -hit[1])
@@ -194,5 +198,5 @@ async def test_inline_mode_keeps_chroma_in_this_process(tmp_path: Path) -> None:
     settings = ReservoirSettings(data_dir=tmp_path / "memory", chroma_process="inline")
     engine = Reservoir(settings)
     await engine.add("p", "i", [{"role": "user", "content": "inline works"}])
-    assert engine.store.server is None and engine.store.in_process
+    assert chroma_store(engine).server is None and engine.store.in_process
     assert [r.text for r in await engine.recent("p", "i")] == ["inline works"]

@@ -16,12 +16,13 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import GatewayFactory
 
@@ -88,11 +89,12 @@ def plan(seed: int = 7) -> list[Conversation]:
 
 
 async def talk(client: AsyncOpenAI, conv: Conversation, slots: asyncio.Semaphore) -> None:
-    history: list[dict[str, Any]] = []
+    history: list[ChatCompletionMessageParam] = []
     for turn in range(conv.turns):
         text = conv.text(turn)
         history.append({"role": "user", "content": text})
         messages = history if conv.stateful else [history[-1]]
+        raw: Any  # the raw response of a stream or of a completion (two types)
         async with slots:
             if conv.stream[turn]:
                 raw = await client.chat.completions.with_raw_response.create(
@@ -115,6 +117,7 @@ async def talk(client: AsyncOpenAI, conv: Conversation, slots: asyncio.Semaphore
         await asyncio.sleep(0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_hundreds_of_conversations_stay_in_their_scopes(
     gateway_factory: GatewayFactory,
@@ -134,7 +137,7 @@ async def test_hundreds_of_conversations_stay_in_their_scopes(
                     f"/instance/{quote(key[1], safe='')}",
                     api_key="sk-test",
                     max_retries=0,
-                    http_client=http,
+                    http_client=cast(Any, http),  # openai types it as its httpx2; httpx works
                     default_headers={SCOPE_HEADER: tag},
                 )
                 for key, tag in scopes.items()

@@ -91,7 +91,7 @@ async def test_text_parts_are_stored_as_their_text_and_injected_as_a_string(
     }
     gateway.upstream.replies.extend([Reply(content="Nice bike."), Reply(content="Noted.")])
     await post(gateway, [one])
-    history = [one, {"role": "assistant", "content": "Nice bike."}, several]
+    history: list[dict[str, Any]] = [one, {"role": "assistant", "content": "Nice bike."}, several]
     await post(gateway, history)
     assert gateway.upstream.received[-1].messages[-3:] == history  # forwarded as sent
 
@@ -174,7 +174,7 @@ async def test_audio_and_file_parts_leave_a_short_marker(gateway: Gateway) -> No
         },
     }
     uploaded = {"type": "file", "file": {"file_id": "file-abc123"}}
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": [{"type": "text", "text": "Transcribe my voice memo."}, audio]},
         {"role": "assistant", "content": "It says: buy oat milk."},
         {"role": "user", "content": [pdf, {"type": "text", "text": "When does my lease end?"}]},
@@ -282,13 +282,13 @@ async def test_tool_calls_and_results_stored_once_and_injected_as_valid_messages
 async def test_stored_tool_calls_are_recalled_while_the_request_has_its_own(
     gateway: Gateway,
 ) -> None:
-    paris = [
+    paris: list[dict[str, Any]] = [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [weather_call("call_p", "Paris")]},
         {"role": "tool", "tool_call_id": "call_p", "content": "Paris: 12°C"},
     ]
     await post(gateway, paris)
-    lyon = [
+    lyon: list[dict[str, Any]] = [
         {"role": "user", "content": "Weather in Lyon?"},
         {"role": "assistant", "content": None, "tool_calls": [weather_call("call_l", "Lyon")]},
         {"role": "tool", "tool_call_id": "call_l", "content": "Lyon: 18°C"},
@@ -306,7 +306,7 @@ async def test_injected_tool_traffic_is_valid_in_the_merged_system_message(
 ) -> None:
     async with gateway_factory(merge_system_messages=True) as gateway:
         calls = [weather_call("call_1", "Lyon")]
-        history = [
+        history: list[dict[str, Any]] = [
             {"role": "user", "content": "Weather in Lyon?"},
             {"role": "assistant", "content": None, "tool_calls": calls},
             {"role": "tool", "tool_call_id": "call_1", "content": "18°C"},
@@ -386,7 +386,7 @@ async def test_a_refusal_sent_back_in_the_history_is_not_stored_twice(gateway: G
     refusal = "I can't help with picking locks."
     question = {"role": "user", "content": "How do I pick the lock of my neighbour's shed?"}
     await stream_refusal(gateway, question, refusal)
-    history = [
+    history: list[dict[str, Any]] = [
         question,
         {"role": "assistant", "content": None, "refusal": refusal},
         {"role": "user", "content": "Fine. How do I oil a squeaky hinge?"},

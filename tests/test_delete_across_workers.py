@@ -21,6 +21,8 @@ from tests.test_deletion import files_holding
 from tests.test_durability import ADMIN, chroma_process, recent_texts, serve_env
 from tests.upstream import Reply, Upstream
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = str(Path(sys.executable).with_name("reservoir"))
 
 

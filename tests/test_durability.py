@@ -18,13 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from reservoir_middleware import Reservoir
 
 from .conftest import CHROMA, free_port, make_settings, running, serve
 from .upstream import Upstream
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 ADMIN = "admin-key-for-tests"
 
@@ -72,7 +73,9 @@ async def test_sigkill_loses_no_answered_exchange(tmp_path: Path) -> None:
                 ) as ai:
                     for n in range(3):
                         text = f"{scope} fact number {n}: the {scope} key is in drawer {n}"
-                        messages = [{"role": "user", "content": text}]
+                        messages: list[ChatCompletionMessageParam] = [
+                            {"role": "user", "content": text}
+                        ]
                         if (n + (scope == "beta")) % 2:
                             stream = await ai.chat.completions.create(
                                 model="gpt-4o", messages=messages, stream=True

@@ -363,6 +363,7 @@ def test_a_spawned_worker_runs_the_script_without_importing_litellm() -> None:
     assert done.stdout.decode().strip() == "[]"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(WORKERS_STARTUP_TIMEOUT + 300)
 def test_uvicorn_workers_under_litellm_all_have_memory(tmp_path: Path, chroma_server: str) -> None:
     """`--num_workers 2`: each worker adds the middleware to its own app, and they
@@ -420,8 +421,8 @@ def test_uvicorn_workers_under_litellm_all_have_memory(tmp_path: Path, chroma_se
                     break
                 time.sleep(0.2)
             assert len(loaded) == 2 and loaded == spawned, (spawned, loaded)
-            log = output.read_text(errors="replace")
-            assert " died" not in log, f"uvicorn replaced a worker as hung:\n{log[-3000:]}"
+            logged = output.read_text(errors="replace")
+            assert " died" not in logged, f"uvicorn replaced a worker as hung:\n{logged[-3000:]}"
             assert served <= loaded | {p for p in served if not Path(f"/proc/{p}").exists()}
         finally:
             process.terminate()

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionToolParam
 
 from reservoir_middleware.asgi._replies import completion_chunk
 from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE
@@ -161,13 +162,13 @@ async def test_tool_calls_recorded_from_stream_and_json(gateway: Gateway, ai: As
         raw.append(delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
     raw += [delta({}, "tool_calls"), sse("[DONE]")]
     gateway.upstream.replies.append(Reply(raw=raw))
-    tools = [
+    tools: list[ChatCompletionToolParam] = [
         {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     ]
     stream = await ai.chat.completions.create(
         model="gpt-4o",
         stream=True,
-        tools=tools,  # type: ignore[arg-type]
+        tools=tools,
         messages=[{"role": "user", "content": "Weather in Paris?"}],
     )
     _ = [c async for c in stream]
@@ -192,7 +193,7 @@ async def test_tool_calls_recorded_from_stream_and_json(gateway: Gateway, ai: As
     gateway.upstream.replies.append(Reply(tool_calls=json_calls))
     result = await ai.chat.completions.create(
         model="gpt-4o",
-        tools=tools,  # type: ignore[arg-type]
+        tools=tools,
         messages=[{"role": "user", "content": "Time in Paris?"}],
     )
     assert result.choices[0].message.tool_calls is not None
@@ -320,7 +321,8 @@ async def test_oversize_body_refused(gateway_factory: GatewayFactory) -> None:
         assert response.status_code == 413
         assert response.json()["error"]["type"] == "payload_too_large"
 
-        async def chunks():  # no content-length: the cap applies while reading
+        # no content-length: the cap applies while reading
+        async def chunks() -> AsyncIterator[bytes]:
             for _ in range(10):
                 yield b" " * 1000
 

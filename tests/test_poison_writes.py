@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -182,7 +182,10 @@ async def test_a_streamed_answer_over_the_cap_reaches_the_client_whole_and_is_st
         assert answer.complete is False
         # the official client reads the same stream in full
         client = openai.AsyncOpenAI(
-            base_url=gw.base(), api_key="sk-test", http_client=httpx.AsyncClient(timeout=60)
+            base_url=gw.base(),
+            api_key="sk-test",
+            # openai types it as its httpx2 client; an httpx one works as well
+            http_client=cast(Any, httpx.AsyncClient(timeout=60)),
         )
         gw.upstream.replies.append(Reply(raw=chunks))
         text = []

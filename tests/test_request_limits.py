@@ -3,6 +3,8 @@ never a "too long" answer; memory only takes what fits beside a capped reserve."
 
 from __future__ import annotations
 
+from typing import Any
+
 from openai import AsyncOpenAI
 
 from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE
@@ -77,7 +79,8 @@ async def test_a_known_window_trims_memory_to_what_fits_beside_a_capped_reserve(
         assert gw.upstream.received[-1].messages == [long_question]
         # past the window minus the default reserve it is still "too long", max_tokens or not
         too_long = {"role": "user", "content": SENTENCE * 60}
-        for extra in ({}, {"max_tokens": 5000}):
+        extras: list[dict[str, Any]] = [{}, {"max_tokens": 5000}]
+        for extra in extras:
             response = await gw.chat([too_long], model="tiny", **extra)
             message = response.json()["choices"][0]["message"]["content"]
             assert "exceeds the maximum limit of 750" in message

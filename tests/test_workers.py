@@ -84,6 +84,7 @@ def holder_message(data_dir: Path, pid: int) -> str:
     return f"the memory directory {data_dir.resolve()} is in use by pid {pid}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_second_process_is_refused_clearly_until_the_first_is_killed(tmp_path: Path) -> None:
     data_dir = tmp_path / "memory"
@@ -128,6 +129,7 @@ def test_a_second_process_is_refused_clearly_until_the_first_is_killed(tmp_path:
     assert "first words" in view.stdout and "second words" in view.stdout
 
 
+@pytest.mark.slow
 async def test_the_middleware_goes_on_degraded_and_logs_why(
     tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -278,6 +280,7 @@ async def two_workers(tmp_path: Path, chroma_url: str, upstream_url: str) -> Asy
             await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 async def test_two_workers_answer_and_share_memory_through_the_chroma_server(
     tmp_path: Path, chroma_server: str, request: pytest.FixtureRequest

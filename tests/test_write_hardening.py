@@ -15,7 +15,7 @@ import pytest
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware
 from reservoir_middleware.storage.chroma import store_down
-from tests.conftest import make_settings, serve
+from tests.conftest import chroma_store, make_settings, serve
 from tests.upstream import Upstream
 
 
@@ -38,7 +38,8 @@ async def test_close_right_after_traffic_stores_the_queued_writes_and_logs_no_er
     await engine.close()
     problems = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert problems == [], [r.getMessage() for r in problems]
-    assert engine.store.server is None or not engine.store.server.alive()
+    server = chroma_store(engine).server
+    assert server is None or not server.alive()
 
     again = Reservoir(settings)
     try:

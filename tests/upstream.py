@@ -135,7 +135,9 @@ class Upstream:
                 {"error": {"message": "upstream failure", "type": "server_error"}},
                 status_code=reply.status,
             )
-        last_user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        last_user: dict[str, Any] = next(
+            (m for m in reversed(messages) if m.get("role") == "user"), {}
+        )
         content = (
             reply.content if reply.content is not None else f"Echo: {last_user.get('content')}"
         )

@@ -39,6 +39,7 @@ def make_engine(data_dir: Path, *plugins: object, **overrides: Any) -> Reservoir
     settings: dict[str, Any] = {
         "data_dir": data_dir,
         "load_entry_points": False,
+        "chroma_process": "inline",  # not about the Chroma child, which takes seconds to start
         "disable_plugins": ["lexical"],
         "recent_context_size": 0,
         **overrides,

@@ -45,6 +45,7 @@ def make_engine(data_dir: Path, *plugins: object, **overrides: Any) -> Reservoir
     settings: dict[str, Any] = {
         "data_dir": data_dir,
         "load_entry_points": False,
+        "chroma_process": "inline",  # not about the Chroma child, which takes seconds to start
         "recent_context_size": 0,
         "pair_answers": False,
         "synapse_neighbours": 0,
