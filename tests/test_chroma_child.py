@@ -200,3 +200,31 @@ async def test_inline_mode_keeps_chroma_in_this_process(tmp_path: Path) -> None:
     await engine.add("p", "i", [{"role": "user", "content": "inline works"}])
     assert chroma_store(engine).server is None and engine.store.in_process
     assert [r.text for r in await engine.recent("p", "i")] == ["inline works"]
+
+
+def test_the_child_embeds_when_the_gateway_holds_many_files(tmp_path: Path) -> None:
+    """A busy gateway holds more than 1,024 descriptors, and the child gets its socket
+    under the gateway's number: waiting on it must not need `select()`, which
+    refuses such numbers (the child then exited, and every write restarted it)."""
+    import resource
+
+    from reservoir_middleware.storage._child import TRIM_AFTER_IDLE_S, ChromaServer
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1200, hard), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    server = ChromaServer(tmp_path / "memory", embed_threads=1)
+    try:
+        (tmp_path / "memory").mkdir(mode=0o700)
+        server.start()
+        first = server.embed(["my sister is called Ada"])
+        time.sleep(TRIM_AFTER_IDLE_S + 1)  # idle: the child waits on the socket, then trims
+        again = server.embed(["my sister is called Ada"])
+        assert server.alive()
+        assert np.allclose(first[0], again[0])
+    finally:
+        server.stop()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -91,3 +91,24 @@ async def test_a_name_that_is_an_object(gateway_factory: GatewayFactory) -> None
                 (question, None),  # a name that is no string is not kept
                 (f"Echo: {question}", None),
             ]
+
+
+async def test_a_lone_surrogate_in_model_of_a_message_too_long(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The middleware's own "too long" answer echoes `model`: it is still sent, as
+    JSON with the surrogate escaped, streamed or not."""
+    model = "tiny-\ud800"
+    async with gateway_factory(model_limits={model: 1000}) as gw:
+        for stream in (False, True):
+            body = {
+                "model": model,
+                "stream": stream,
+                "messages": [{"role": "user", "content": "the fox by the mill " * 400}],
+            }
+            response = await post_raw(gw, body)
+            assert response.status_code == 200, response.text
+            assert "Your last message is too long" in response.text
+            if not stream:
+                assert response.json()["model"] == model
+        assert gw.upstream.received == []

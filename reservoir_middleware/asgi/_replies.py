@@ -16,7 +16,12 @@ TRACE_HEADER = b"x-reservoir-trace-id"
 
 
 def _json_bytes(payload: Any) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON; a lone surrogate (a client's odd string echoed back)
+    cannot be UTF-8, so such a payload is written with `\\u` escapes instead."""
+    try:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(payload, separators=(",", ":")).encode("ascii")
 
 
 async def send_bytes(

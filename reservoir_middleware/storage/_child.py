@@ -277,10 +277,14 @@ def _serve_embeddings(sock: socket.socket, threads: int) -> None:
     from reservoir_middleware.memory import _minilm  # not `embeddings`: no chromadb here
 
     _minilm.load(threads)
+    # poll, not select: the socket keeps the gateway's descriptor number, over 1,024
+    # in a busy gateway, which select() refuses
+    waiting = select.poll()
+    waiting.register(sock, select.POLLIN)
     trimmed = True  # nothing embedded since the last trim
     while True:
         try:
-            if not trimmed and not select.select([sock], [], [], TRIM_AFTER_IDLE_S)[0]:
+            if not trimmed and not waiting.poll(TRIM_AFTER_IDLE_S * 1000):
                 trim()  # idle: give back what the last batches' buffers left in the heap
                 trimmed = True
             (size,) = struct.unpack("!I", _recv_exact(sock, 4))
