@@ -16,6 +16,7 @@ import asyncio
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import anyio.to_thread
@@ -43,7 +44,12 @@ from reservoir_middleware.memory.embeddings import (
     make_embedding_function,
 )
 from reservoir_middleware.memory.tokens import ModelLimits, warm_up_encodings
-from reservoir_middleware.memory.validation import checked_name, checked_scope
+from reservoir_middleware.memory.validation import (
+    STORED_ROLES,
+    checked_name,
+    checked_scope,
+    message_time,
+)
 from reservoir_middleware.plugins import Hooks, make_plugin_manager
 from reservoir_middleware.records import Answer, MessageRecord, Scope, clean_text
 from reservoir_middleware.settings import ReservoirSettings
@@ -144,12 +150,27 @@ class Reservoir:
         source: str = "import",
         trace_id: str | None = None,
         model: str | None = None,
+        timestamp: float | datetime | str | None = None,
     ) -> list[str]:
-        """Store messages of one scope now; returns the ids newly written."""
+        """Store messages of one scope now; returns the ids newly written.
+
+        Each message keeps its original time: its own `"timestamp"` key, else
+        `timestamp`, else now (seconds since 1970, a `datetime`, naive = UTC,
+        or an ISO 8601 string), so an old conversation keeps its dates.
+        Raises ValueError for a time that is none of these."""
         scope = checked_scope(partition, instance)
         began = now()
         trace = clean_text(str(trace_id)) if trace_id else uuid.uuid4().hex
-        records = message_records(scope, messages, trace, model, source)
+        default_time = None if timestamp is None else message_time(timestamp)
+        stored = [m for m in messages if m.get("role") in STORED_ROLES]
+        times = [
+            message_time(m["timestamp"]) if m.get("timestamp") is not None else default_time
+            for m in stored
+        ]
+        records = message_records(scope, stored, trace, model, source)
+        for record, at in zip(records, times, strict=True):
+            if at is not None:
+                record.timestamp = at
         await self.settle(scope, timeout=30)  # after what the scope has queued
         job = WriteJob(scope, records, trace_id=trace, began=began)
         await self._writes.write_now(scope, [job])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +336,30 @@ async def test_messages_in_flight_are_shown_redacted(tmp_path: Path) -> None:
     engine.record_answer(first, None)
     await engine.settle()
     assert [r.text for r in await engine.recent("p", "i")] == ["my secret is [redacted]"]
+
+
+async def test_added_messages_keep_their_original_time(tmp_path: Path) -> None:
+    """An imported conversation keeps its dates: per message, per call, or now."""
+    settings = make_settings(tmp_path)
+    memory = Reservoir(settings)
+    session = [
+        {"role": "user", "content": "We planted the apple tree today."},
+        {"role": "assistant", "content": "Lovely, apple trees take a few years to fruit."},
+    ]
+    await memory.add("p", "old", session, timestamp="2023-05-20T15:08:00Z")
+    dated = [{"role": "user", "content": "The tree has its first apple!", "timestamp": 1.7e9}]
+    await memory.add("p", "old", dated, timestamp=datetime(2020, 1, 1))
+    await memory.add("p", "old", [{"role": "user", "content": "Apples for dinner tonight."}])
+    with pytest.raises(ValueError, match="not an ISO 8601 time"):
+        await memory.add("p", "old", [{"role": "user", "content": "never"}], timestamp="May 5")
+    await memory.close()
+
+    again = Reservoir(settings)  # read back from the store, not from this process's copy
+    times = {r.text: r.timestamp for r in await again.recent("p", "old", limit=10)}
+    await again.close()
+    may_20 = datetime(2023, 5, 20, 15, 8, tzinfo=timezone.utc).timestamp()
+    assert times["We planted the apple tree today."] == may_20
+    assert times["Lovely, apple trees take a few years to fruit."] == may_20
+    assert times["The tree has its first apple!"] == 1.7e9  # its own time wins
+    assert abs(times["Apples for dinner tonight."] - time.time()) < 120
+    assert "never" not in times  # a bad time stores nothing of that call

@@ -11,6 +11,7 @@ import math
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import fields
+from datetime import datetime, timezone
 from typing import Any
 
 from reservoir_middleware.records import MessageRecord, Scope
@@ -85,6 +86,24 @@ def check_timestamp(value: Any) -> float:
     if not (math.isfinite(value) and 0 <= value <= MAX_TIMESTAMP):
         raise BadRecord(f"'timestamp' {value!r} is not a time from 1970 to 9999")
     return float(value)
+
+
+def message_time(value: Any) -> float:
+    """A message's original time as `Reservoir.add` accepts it: seconds since
+    1970, a `datetime` (naive means UTC) or an ISO 8601 string. Raises ValueError."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"timestamp {value!r} is not an ISO 8601 time") from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.timestamp()
+    try:
+        return check_timestamp(value)
+    except BadRecord as exc:
+        raise ValueError(str(exc).replace("'timestamp' ", "timestamp ")) from None
 
 
 def check_id(key: str, value: str) -> str:
