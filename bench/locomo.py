@@ -14,7 +14,7 @@ files named by `--conversations` (a file stem in the dataset directory such as
 Each conversation is stored in its own scope (partition `locomo`, instance
 `conv-<stem>`) through the public `Reservoir.add`, one call per session
 (chronological; speaker A as `user`, speaker B as `assistant`, each turn as
-"Speaker: text", session dates left out). The content-chained id of every turn
+"Speaker: text", with its session's date as its time). The content-chained id of every turn
 is computed beforehand, checked against what `add` wrote, and the scope's
 count is checked too, so each turn is stored exactly once. The filled store is
 shared by every strategy: several `Reservoir` objects with different settings
@@ -64,6 +64,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,7 @@ class Conversation:
     speaker_b: str
     sessions: list[list[Turn]]
     questions: list[Question]
+    dates: dict[int, datetime] = field(default_factory=dict)  # session number -> its time
     skipped_no_evidence: int = 0
     unknown_evidence: list[str] = field(default_factory=list)
 
@@ -194,6 +196,10 @@ def load_conversation(path: Path) -> Conversation:
         if session:
             sessions.append(session)
     conversation = Conversation(path.stem, path, speaker_a, speaker_b, sessions, [])
+    for number in numbers:
+        raw_date = data.get(f"session_{number}_date_time")
+        if isinstance(raw_date, str):
+            conversation.dates[number] = session_date(raw_date)
     known = {t.dia_id for t in conversation.turns}
     if len(known) != len(conversation.turns):
         raise ValueError(f"{path}: duplicate dia_ids")
@@ -211,6 +217,11 @@ def load_conversation(path: Path) -> Conversation:
             Question(path.stem, index, str(qa["question"]), category, evidence)
         )
     return conversation
+
+
+def session_date(raw: str) -> datetime:
+    """'1:56 pm on 8 May, 2023' -> that minute, UTC."""
+    return datetime.strptime(raw.strip(), "%I:%M %p on %d %B, %Y").replace(tzinfo=timezone.utc)
 
 
 def conversation_files(dataset: Path, selection: str | None) -> list[Path]:
@@ -368,6 +379,22 @@ STRATEGIES: list[Strategy] = [
         note="defaults with semantic_candidates=30: each retriever proposes 30 (default: 20)",
     ),
     Strategy(
+        "nofade@1000",
+        "recent share not fading @1000",
+        {**_AT_1000, "recent_fade_hours": 0},
+        comparison=True,
+        note="defaults with recent_fade_hours=0: the recent window keeps its share of the "
+        "budget however old the scope's newest message is",
+    ),
+    Strategy(
+        "longpair@1000",
+        "long answers after the hits @1000",
+        {**_AT_1000, "long_pair_tokens": 150},
+        comparison=True,
+        note="defaults with long_pair_tokens=150: a hit's answer over 150 tokens waits until "
+        "every hit that fits is in",
+    ),
+    Strategy(
         "dense-norecent@1000",
         "dense @1000, no recent window",
         {
@@ -478,7 +505,8 @@ async def fill(memory: Reservoir, conversation: Conversation) -> tuple[Fill, dic
     written = 0
     for turns, chain in batches:
         messages = [{"role": t.role, "content": t.content} for t in turns]
-        new = await memory.add(PARTITION, conversation.instance, messages)
+        at = conversation.dates.get(turns[0].session)
+        new = await memory.add(PARTITION, conversation.instance, messages, timestamp=at)
         if new != chain:
             raise RuntimeError(
                 f"conversation {conversation.name}: add() wrote {len(new)} of {len(chain)} "

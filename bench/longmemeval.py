@@ -479,7 +479,13 @@ async def run(args: argparse.Namespace, data_dir: Path) -> str:
         f"machine: {platform.platform()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; model {MODEL!r} (o200k_base tokens)\n"
     )
-    filler = Reservoir(ReservoirSettings(data_dir=data_dir, load_entry_points=False))
+    # Chroma and the embedder in this process, on both threads: the fill is
+    # embedding-bound (long answers); the stored form is the same as the child's.
+    filler = Reservoir(
+        ReservoirSettings(
+            data_dir=data_dir, load_entry_points=False, chroma_process="inline", journal=False
+        )
+    )
     await filler.warm_up()
     fills = []
     for question in questions:

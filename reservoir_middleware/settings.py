@@ -85,6 +85,12 @@ class ReservoirSettings(BaseSettings):
     fill_budget: bool = True
     recent_context_size: int = Field(default=15, ge=0, le=500)
     recent_budget_share: float = Field(default=0.25, ge=0.0, le=1.0)
+    # The share fades with the age of the scope's newest message: whole for an
+    # hour, none once it is this old (0: never fades).
+    recent_fade_hours: float = Field(default=24.0, ge=0.0)
+    # A hit's answer (or question) longer than this is injected after every hit
+    # that fits, not right after its hit (0: always right after).
+    long_pair_tokens: int = Field(default=0, ge=0)
     lexical_max_messages: int = Field(default=500_000, ge=0)
     min_similarity: float = Field(default=0.2, ge=-1.0, le=1.0)
     semantic_scope: Literal["instance", "partition"] = "instance"

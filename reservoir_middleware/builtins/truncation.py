@@ -4,7 +4,9 @@ Memory budget (`context_token_budget`), filled in this order while each part
 fits: the newest recent messages up to `recent_share` of the budget; then the
 semantic units by rank, each hit followed by the rest of its unit (its answer
 or question and synapse neighbours; the engine gives them to the best
-`semantic_context_size` hits only); then older recent messages. A part that
+`semantic_context_size` hits only), unless that rest costs more than
+`long_pair_tokens`: then it waits until every hit that fits is in; then older
+recent messages. A part that
 does not fit is skipped, not a reason to stop: a shorter one after it may fit.
 So under a tight budget a lower-ranked hit's answer gives way before a better
 hit. A message in both sections is injected once, in the recent one.
@@ -87,7 +89,14 @@ def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     take_recent(int(limit * budget.recent_share))
     present = {r.id for r in recent[first_recent:]}  # a hit among them is not repeated
     units = sorted(plan.semantic, key=lambda u: u.score, reverse=True)
-    order = [(i, is_hit) for i in range(len(units)) for is_hit in (True, False)]
+    order: list[tuple[int, bool]] = []
+    deferred: list[tuple[int, bool]] = []  # long answers: after every hit
+    for i, unit in enumerate(units):
+        order.append((i, True))
+        rest = [r for r in unit.records if r.id != unit.hit_id]
+        long = budget.long_pair > 0 and cost(rest) > budget.long_pair
+        (deferred if long else order).append((i, False))
+    order += deferred
     kept: dict[int, set[str]] = {}
     sem_note = count({"role": "system", "content": SEMANTIC_NOTE})
     for i, is_hit in order:

@@ -11,7 +11,8 @@ token budget before it is rendered into the request's messages.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -142,7 +143,9 @@ class RequestPath:
             recent_excluded=s.context_token_budget is None,
         )
 
-    def budget(self, model: str | None, limit: int) -> TokenBudget:
+    def budget(
+        self, model: str | None, limit: int, recent: Sequence[MessageRecord] = ()
+    ) -> TokenBudget:
         counter = memoised_counter(model)
         return TokenBudget(
             model=model,
@@ -150,8 +153,21 @@ class RequestPath:
             context_budget=self.settings.context_token_budget,
             count_message=counter,
             count_messages=lambda ms: sum(counter(m) for m in ms) + REPLY_PRIMING,
-            recent_share=self.settings.recent_budget_share,
+            recent_share=self.recent_share(recent),
+            long_pair=self.settings.long_pair_tokens,
         )
+
+    def recent_share(self, recent: Sequence[MessageRecord]) -> float:
+        """`recent_budget_share`, fading with the age of the newest recent message:
+        a conversation picked up days later needs its last turns less than what
+        its question is about; one going on needs them whole."""
+        share, fade = self.settings.recent_budget_share, self.settings.recent_fade_hours
+        if not recent or fade <= 0:
+            return share
+        hours = (time.time() - max(r.timestamp for r in recent)) / 3600
+        if hours <= 1 or fade <= 1:
+            return share if hours <= max(1.0, fade) else 0.0
+        return share * max(0.0, 1 - (hours - 1) / (fade - 1))
 
     async def resolve(self, hits: list[Hit]) -> list[Hit]:
         """Read the messages behind references, one store read per scope; a
@@ -204,7 +220,7 @@ class _Enriching:
             await early
         query = replace(query, embedding=embedding)
         plan = await self._plan(query)
-        budget = path.budget(request.model, request.input_limit)
+        budget = path.budget(request.model, request.input_limit, plan.recent)
         truncated, outcome = await path.hooks.truncate(plan, budget)
         result.failures.extend(outcome.failures)
         plan = truncated or plan
