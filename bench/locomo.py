@@ -388,11 +388,19 @@ STRATEGIES: list[Strategy] = [
     ),
     Strategy(
         "longpair@1000",
-        "long answers after the hits @1000",
-        {**_AT_1000, "long_pair_tokens": 150},
+        "long answers right after their hit @1000",
+        {**_AT_1000, "long_message_tokens": 0},
         comparison=True,
-        note="defaults with long_pair_tokens=150: a hit's answer over 150 tokens waits until "
-        "every hit that fits is in",
+        note="defaults with long_message_tokens=0: a hit's answer comes right after it, "
+        "however long (default: over 150 tokens it waits until every hit that fits is in)",
+    ),
+    Strategy(
+        "noneighbours@1000",
+        "BM25 without neighbour words @1000",
+        {**_AT_1000, "lexical_neighbour_weight": 0.0},
+        comparison=True,
+        note="defaults with lexical_neighbour_weight=0: BM25 keys each message with its own "
+        "words only (default: its neighbours' words too, at 0.5)",
     ),
     Strategy(
         "dense-norecent@1000",
@@ -433,6 +441,19 @@ def pick_strategies(selection: str | None) -> list[Strategy]:
             raise SystemExit(f"unknown strategy {raw!r}; known: {known}")
         picked.append(BY_KEY[key])
     return picked
+
+
+def tried_strategies(tries: Sequence[str]) -> list[Strategy]:
+    """Strategies given on the command line (`--try NAME=JSON`), for exploring settings."""
+    out = []
+    for item in tries:
+        name, _, raw = item.partition("=")
+        settings = json.loads(raw)
+        ReservoirSettings(**settings)  # refuse an unknown or invalid setting now
+        strategy = Strategy(name, name, settings, comparison=True, note=f"--try {raw}")
+        BY_KEY[name] = strategy
+        out.append(strategy)
+    return out
 
 
 def build_reservoir(strategy: Strategy, data_dir: Path) -> tuple[Reservoir, PlanObserver]:
@@ -831,11 +852,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", type=Path, help="keep the filled store here and reuse it")
     parser.add_argument("--list-strategies", action="store_true")
+    parser.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='an extra strategy: settings over the defaults, e.g. c40={"semantic_candidates": 40}',
+    )
     return parser.parse_args(argv)
 
 
 async def run(args: argparse.Namespace, data_dir: Path) -> str:
-    strategies = pick_strategies(args.strategies)
+    strategies = pick_strategies(args.strategies) + tried_strategies(args.tries)
     files = conversation_files(args.dataset, args.conversations)
     conversations = [load_conversation(p) for p in files]
     limit = args.limit_questions

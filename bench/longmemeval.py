@@ -63,6 +63,7 @@ from locomo import (
     isolate_environment,
     mean,
     pick_strategies,
+    tried_strategies,
 )
 
 from reservoir_middleware import Reservoir, ReservoirSettings, Scope
@@ -466,11 +467,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--strategies", help="comma separated keys (see --list-strategies)")
     parser.add_argument("--data-dir", type=Path, help="keep the filled store here and reuse it")
     parser.add_argument("--list-strategies", action="store_true")
+    parser.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='an extra strategy: settings over the defaults, e.g. c40={"semantic_candidates": 40}',
+    )
     return parser.parse_args(argv)
 
 
 async def run(args: argparse.Namespace, data_dir: Path) -> str:
-    strategies = pick_strategies(args.strategies)
+    strategies = pick_strategies(args.strategies) + tried_strategies(args.tries)
     questions = [load_question(p) for p in question_files(args.dataset, args.questions)]
     out: list[str] = ["# LongMemEval_S evidence recall through Reservoir.enrich\n"]
     command = shlex.join([sys.executable, *args.command])

@@ -175,9 +175,9 @@ class TokenBudget:
     recent_share: float = 1.0
     """The most of `context_budget` the newest recent messages take before
     semantic memory; older recent messages only get what semantic memory leaves."""
-    long_pair: int = 0
-    """A hit's answer or neighbours costing more tokens than this wait until
-    every hit that fits is in (0: they come right after their hit)."""
+    long_message: int = 0
+    """Tokens over which the rest of a hit's unit (its answer or question, its
+    neighbours) waits until every hit that fits is in (0: it never waits)."""
 
 
 @dataclass

@@ -100,7 +100,13 @@ class Reservoir:
         builtins: list[tuple[str, object]] = [
             (self.store.name, self.store),
             ("semantic", SemanticRetrieval()),
-            ("lexical", LexicalRetrieval(max_messages=s.lexical_max_messages)),
+            (
+                "lexical",
+                LexicalRetrieval(
+                    max_messages=s.lexical_max_messages,
+                    neighbour_weight=s.lexical_neighbour_weight,
+                ),
+            ),
             ("recent", RecentRetrieval()),
             ("truncate", BudgetTruncation()),
             ("partition-keys", PartitionKeys(s.partition_keys)),
@@ -239,7 +245,9 @@ class Reservoir:
         if ranked is None and outcome.failures:
             raise outcome.failures[0].error
         if ranked is None:  # (`lexical` blocked) a one-off index
-            one_off = LexicalRetrieval().reservoir_keyword_search
+            one_off = LexicalRetrieval(
+                neighbour_weight=self.settings.lexical_neighbour_weight
+            ).reservoir_keyword_search
             ranked = await anyio.to_thread.run_sync(one_off, scope, query, limit, self.store)
         return [SearchHit(r, score) for r, score in ranked]
 

@@ -88,10 +88,12 @@ class ReservoirSettings(BaseSettings):
     # The share fades with the age of the scope's newest message: whole for an
     # hour, none once it is this old (0: never fades).
     recent_fade_hours: float = Field(default=24.0, ge=0.0)
-    # A hit's answer (or question) longer than this is injected after every hit
-    # that fits, not right after its hit (0: always right after).
-    long_pair_tokens: int = Field(default=0, ge=0)
+    # Under a budget, a hit's answer (or question, or neighbours) costing more
+    # tokens than this waits until every hit that fits is in (0: never waits).
+    long_message_tokens: int = Field(default=150, ge=0)
     lexical_max_messages: int = Field(default=500_000, ge=0)
+    # BM25 keys each message with its neighbours' words at this weight (0: its own only)
+    lexical_neighbour_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     min_similarity: float = Field(default=0.2, ge=-1.0, le=1.0)
     semantic_scope: Literal["instance", "partition"] = "instance"
     synapse_threshold: float = Field(default=0.85, ge=0.0, le=1.0)

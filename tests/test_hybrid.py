@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def test_vectorised_bm25_equals_the_formula() -> None:
         ("c", "pears only here, and a very long tail of other words indeed"),
         ("d", "nothing relevant"),
     ]
-    index = Bm25Index()
+    index = Bm25Index(neighbour_weight=0.0)  # each message keyed by its own words only
     assert index.add(docs) == 4
     assert index.add(docs[:1]) == 0  # the same id twice is indexed once
     query = terms("apples pears")
@@ -196,7 +197,11 @@ async def test_index_follows_writes_and_forgets_deleted_scopes(tmp_path: Path) -
     await engine.add("p", "i", users(["We booked the ferry to Zanzibar."]))
     assert len(index) == len(CHATTER) + 1  # through the plugin's own store hook
     found = await engine.enrich("p", "i", chat("zanzibar"), store=False)
-    assert [m.text for m in found.semantic.messages] == ["We booked the ferry to Zanzibar."]
+    # first; the message before it follows, keyed with its neighbour's words
+    assert [m.text for m in found.semantic.messages][:2] == [
+        "We booked the ferry to Zanzibar.",
+        CHATTER[-1],
+    ]
 
     admin = Reservoir(make_settings(tmp_path))  # another engine (the CLI) deletes the scope
     await admin.delete("p", "i")
@@ -222,7 +227,7 @@ async def test_a_large_scope_is_indexed_in_the_background(tmp_path: Path) -> Non
 
     async def ready() -> bool:
         result = await engine.enrich("p", "i", chat("paprika"), store=False)
-        return [m.text for m in result.semantic.messages] == [RARE]
+        return [m.text for m in result.semantic.messages][:1] == [RARE]  # then its neighbour
 
     await until(ready)
 
@@ -256,7 +261,8 @@ async def test_server_mode_refreshes_an_index_another_process_made_stale(
 
     async def refreshed() -> bool:
         result = await reader.enrich(partition, "i", chat("zanzibar"), store=False)
-        return [m.text for m in result.semantic.messages] == ["We booked the ferry to Zanzibar."]
+        found = [m.text for m in result.semantic.messages]
+        return found[:1] == ["We booked the ferry to Zanzibar."]  # then its neighbour
 
     await until(refreshed)
     await writer.delete(partition)
@@ -265,6 +271,10 @@ async def test_server_mode_refreshes_an_index_another_process_made_stale(
 # -- filling the budget -------------------------------------------------------------------
 
 
+VEGETABLES = [
+    *("carrots", "leeks", "beans", "peas", "kale", "onions", "beetroot", "radishes"),
+    *("spinach", "garlic", "potatoes", "courgettes", "lettuce", "chard", "fennel", "celery"),
+]
 GARDEN = [
     f"Garden note {n}: the tomato plants in bed {n} need water and stakes." for n in range(40)
 ]
@@ -318,6 +328,69 @@ async def test_the_recent_window_takes_at_most_its_share(tmp_path: Path) -> None
     assert len(alone.recent.messages) > len(recent) and alone.recent.tokens <= 400
 
 
+async def test_the_recent_share_fades_when_the_conversation_is_days_old(tmp_path: Path) -> None:
+    """Picked up days later, a conversation's last turns no longer take a quarter of
+    the budget ahead of what the question is about; they get what is left."""
+    chatter = [f"{text} (message {n})" for n, text in enumerate(CHATTER + CHATTER)]
+    budget = {"context_token_budget": 400, "recent_context_size": 15}
+    question = chat("Which tomato plants need water?")
+    days_ago = time.time() - 3 * 86400
+    stale = Reservoir(make_settings(tmp_path / "stale", **budget))
+    await stale.add("p", "i", users([*GARDEN[:20], *chatter]), timestamp=days_ago)
+    picked_up = await stale.enrich("p", "i", question, store=False)
+    fresh = Reservoir(make_settings(tmp_path / "fresh", **budget))
+    await fresh.add("p", "i", users([*GARDEN[:20], *chatter]))
+    going_on = await fresh.enrich("p", "i", question, store=False)
+    assert going_on.recent.tokens > 60  # its share: up to 100 tokens
+    assert picked_up.recent.tokens < going_on.recent.tokens
+    garden = [m for m in picked_up.semantic.messages if "tomato" in m.text]
+    assert len(garden) > len([m for m in going_on.semantic.messages if "tomato" in m.text])
+
+    # a day or more old: no share at all; `recent_fade_hours=0` keeps the share
+    assert stale._requests.recent_share(await stale.recent("p", "i")) == 0.0
+    await stale.close()
+    await fresh.close()
+    steady = Reservoir(make_settings(tmp_path / "stale", **budget, recent_fade_hours=0))
+    kept = await steady.enrich("p", "i", question, store=False)
+    assert kept.recent.tokens == going_on.recent.tokens
+    await steady.close()
+
+
+async def test_a_long_answer_waits_until_the_short_hits_are_in(tmp_path: Path) -> None:
+    """A 300-token answer brought along by a hit would crowd out the other
+    relevant short turns; over `long_message_tokens` it waits for them."""
+    long_answer = "Here is a long plan for the vegetable garden. " + " ".join(
+        f"In week {n}, water every bed in the morning, weed the paths and check the slugs."
+        for n in range(14)
+    )
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "What did I plant in the vegetable garden last year?"},
+        {"role": "assistant", "content": long_answer},
+    ]
+    messages += users([f"I planted {veg} in the vegetable garden." for veg in VEGETABLES])
+    alone = {
+        "recent_context_size": 0,
+        "synapse_neighbours": 0,
+        "context_token_budget": 450,
+        "semantic_context_size": 20,  # every hit brings its answer
+    }
+    question = chat("What did I plant in the vegetable garden?")
+    waits = Reservoir(make_settings(tmp_path, **alone))
+    await waits.add("p", "i", messages)
+    result = await waits.enrich("p", "i", question, store=False)
+    await waits.close()
+    crowds = Reservoir(make_settings(tmp_path, **alone, long_message_tokens=0))
+    before = await crowds.enrich("p", "i", question, store=False)
+    await crowds.close()
+
+    def planted(found: Any) -> int:
+        return sum(1 for m in found.semantic.messages if m.text.startswith("I planted"))
+
+    assert long_answer in [m.text for m in before.semantic.messages]  # it took the room
+    assert long_answer not in [m.text for m in result.semantic.messages]  # too long to wait for
+    assert planted(result) == len(VEGETABLES) > planted(before)
+
+
 async def test_answers_come_with_the_best_hits_and_give_way_under_a_tight_budget(
     tmp_path: Path,
 ) -> None:
@@ -327,7 +400,12 @@ async def test_answers_come_with_the_best_hits_and_give_way_under_a_tight_budget
             {"role": "user", "content": f"What should I plant in bed {n} of the vegetable garden?"},
             {"role": "assistant", "content": f"Sure thing, reminder number {n} is saved."},
         ]
-    alone = {"recent_context_size": 0, "synapse_neighbours": 0, "semantic_context_size": 2}
+    alone = {
+        "recent_context_size": 0,
+        "synapse_neighbours": 0,
+        "semantic_context_size": 2,
+        "lexical_neighbour_weight": 0.0,  # the answers are found as pairs only, not as hits
+    }
     engine = Reservoir(make_settings(tmp_path, **alone))
     await engine.add("p", "i", exchanges)
     question = chat("What should I plant in the vegetable garden?")
@@ -427,3 +505,34 @@ async def test_preload_makes_a_large_scope_searchable_from_its_first_request(
     assert [m.text for m in found.semantic.messages][:1] == [
         "The ferry to Zanzibar leaves at noon."
     ]
+
+
+async def test_a_turn_is_found_by_the_words_of_its_neighbours(tmp_path: Path) -> None:
+    """ "Yes, last Saturday!" says nothing by itself: it is keyed with the words
+    of the question before it, so a question about the aquarium finds the answer
+    (pairing off: found as a hit of its own), while a keyword search still lists
+    only the messages that hold the word."""
+    settings = make_settings(
+        tmp_path,
+        disable_plugins="semantic",
+        recent_context_size=0,
+        pair_answers=False,
+        synapse_neighbours=0,
+    )
+    engine = Reservoir(settings)
+    await engine.add("p", "i", users(CHATTER))
+    question = "Did you ever take the kids to the aquarium in Lisbon?"
+    answer = "Yes, last Saturday! They loved the sea otters."
+    await engine.add(
+        "p", "i", [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    )
+    await engine.add("p", "i", users(["The plumber comes on Monday."]))
+    found = await engine.enrich(
+        "p", "i", chat("When did we visit the Lisbon aquarium?"), store=False
+    )
+    texts = [m.text for m in found.semantic.messages]
+    assert texts[:2] == [question, answer]
+    assert "The plumber comes on Monday." not in texts  # not a neighbour of the question
+    keyword = await engine.search("p", "i", "aquarium", semantic=False)
+    assert [h.record.text for h in keyword] == [question]
+    await engine.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from reservoir_middleware.builtins.lexical import LexicalRetrieval
 from reservoir_middleware.context import RetrievalQuery
+from reservoir_middleware.memory.keywords import terms
 from reservoir_middleware.records import Scope
 from tests.conftest import GatewayFactory
 
@@ -96,9 +97,13 @@ async def test_keyword_search_finds_any_casing_script_and_identifier(
         by_id = {r.id: r.text for r in await reservoir.recent(P, INST, limit=100)}
         request_order = [by_id[c.record.id] for c in candidates]
         hits = await reservoir.search(P, INST, MULTI, limit=20, semantic=False)
-        assert [h.record.text for h in hits] == request_order
+        # the same order, less the messages found by their neighbours' words only
+        wanted = set(terms(MULTI))
+        holding = [t for t in request_order if not wanted.isdisjoint(terms(t))]
+        assert [h.record.text for h in hits] == holding
+        assert len(holding) > 1
         assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-        assert set(request_order) == {POSTGRES, BACKUPS, TUNING}
+        assert set(holding) == {POSTGRES, BACKUPS, TUNING}
         assert request_order[0] == BACKUPS
         export = await gw.http.get(gw.base(P, INST) + "/memory/export", headers=ADMIN)
         (tmp_path / "export.jsonl").write_text(export.text)
@@ -112,4 +117,4 @@ async def test_keyword_search_finds_any_casing_script_and_identifier(
     cli(env, "import", str(tmp_path / "export.jsonl"))
     for query in ("POSTGRESQL", "github", "IPHONE", "cafe", "besancon", "東京", "v1.2.3", "#4521"):
         assert EXPECTED[query] in cli_search(env, query), query
-    assert cli_search(env, MULTI) == request_order
+    assert cli_search(env, MULTI) == holding  # the CLI ranks as the request path does

@@ -39,18 +39,16 @@ message.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
-from array import array
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from reservoir_middleware import _gcfreeze as gcfreeze
 from reservoir_middleware._logs import log_failure
+from reservoir_middleware.builtins._bm25 import NEIGHBOUR_WEIGHT
+from reservoir_middleware.builtins._bm25 import Bm25Index as Bm25Index
 from reservoir_middleware.builtins.retrieval import reference
 from reservoir_middleware.context import Candidate, RetrievalQuery
 from reservoir_middleware.hookspecs import hookimpl
@@ -58,77 +56,12 @@ from reservoir_middleware.memory.keywords import terms
 from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.store import MemoryStore
 
-K1 = 1.2
-B = 0.75
 BLOCKING_BUILD = 1_000  # messages: a larger scope is indexed in the background
 PAGE = 1_000  # messages read from the store at a time while building
 REFRESH_S = 5.0  # the most often a scope's count is compared with its index
 CATCH_UP_SLACK = 64  # messages before the index's size re-read when catching up
 MAX_MESSAGES = 500_000
 PREFETCHED = 64  # queries scored ahead and not (yet) asked for
-
-
-class Bm25Index:
-    """BM25 over the messages of one scope; thread-safe, append-only."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ids: list[str] = []
-        self._known: set[str] = set()
-        self._lengths = array("f")
-        self._total = 0.0
-        self._postings: dict[str, tuple[array[int], array[float]]] = {}
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def add(self, docs: Iterable[tuple[str, str]]) -> int:
-        """Index (id, text) pairs not indexed yet; returns how many were new."""
-        prepared = [(id_, Counter(terms(text))) for id_, text in docs]
-        added = 0
-        with self._lock:
-            for id_, counts in prepared:
-                if id_ in self._known:
-                    continue
-                number = len(self._ids)
-                self._ids.append(id_)
-                self._known.add(id_)
-                length = sum(counts.values())
-                self._lengths.append(float(length))
-                self._total += length
-                for term, tf in counts.items():
-                    posting = self._postings.get(term)
-                    if posting is None:
-                        posting = self._postings[term] = (array("i"), array("f"))
-                    posting[0].append(number)
-                    posting[1].append(float(tf))
-                added += 1
-        return added
-
-    def top(self, query_terms: Sequence[str], limit: int) -> list[tuple[str, float]]:
-        """The best `limit` (id, score) with a positive score, best first."""
-        with self._lock:
-            count = len(self._ids)
-            if count == 0 or limit <= 0:
-                return []
-            average = self._total / count or 1.0
-            scores = np.zeros(count, dtype=np.float32)
-            for term in dict.fromkeys(query_terms):
-                posting = self._postings.get(term)
-                if posting is None:
-                    continue
-                # copies, not views: an array exporting its buffer could not grow
-                docs = np.frombuffer(posting[0], dtype=np.int32).copy()
-                tfs = np.frombuffer(posting[1], dtype=np.float32).copy()
-                lengths = np.frombuffer(self._lengths, dtype=np.float32)[docs]
-                idf = math.log(1 + (count - len(docs) + 0.5) / (len(docs) + 0.5))
-                norm = K1 * (1 - B + B * lengths / average)
-                scores[docs] += idf * tfs * (K1 + 1) / (tfs + norm)
-            found = np.flatnonzero(scores)
-            if len(found) > limit:
-                found = found[np.argpartition(-scores[found], limit - 1)[:limit]]
-            best = found[np.argsort(-scores[found], kind="stable")]
-            return [(self._ids[i], float(scores[i])) for i in best]
 
 
 @dataclass
@@ -154,8 +87,10 @@ class LexicalRetrieval:
         max_messages: int = MAX_MESSAGES,
         blocking_build: int = BLOCKING_BUILD,
         refresh_s: float = REFRESH_S,
+        neighbour_weight: float = NEIGHBOUR_WEIGHT,
     ) -> None:
         self.max_messages = max_messages
+        self.neighbour_weight = neighbour_weight
         self.blocking_build = blocking_build
         self.refresh_s = refresh_s
         self._lock = threading.Lock()
@@ -210,6 +145,7 @@ class LexicalRetrieval:
     def reservoir_store(
         self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
     ) -> None:
+        records = sorted(records, key=lambda r: r.seq)  # the scope's order
         docs = [(r.id, r.text) for r in records]
         with self._lock:
             entry = self._entries.get(scope.key)
@@ -218,8 +154,8 @@ class LexicalRetrieval:
             if entry.buffer is not None:
                 entry.buffer.extend(docs)
             index = entry.index
-        if index is not None:
-            self._add(scope, entry, index, docs)
+        if index is not None and records:
+            self._add(scope, entry, index, docs, continues=records[0].before_id == index.last_id)
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
@@ -235,11 +171,19 @@ class LexicalRetrieval:
     ) -> list[tuple[MessageRecord, float]]:
         """The scope's messages ranked by BM25, best first, with the index and
         tokenizer the request path uses: the keyword search of the CLI and admin API."""
-        ranked = self.ranked(scope, store, terms(text), limit)
+        query_terms = terms(text)
+        ranked = self.ranked(scope, store, query_terms, 2 * limit)
         if not ranked:
             return []
         found = {r.id: r for r in store.get(scope, [id_ for id_, _ in ranked])}
-        return [(found[id_], score) for id_, score in ranked if id_ in found]
+        # a keyword search lists the messages that hold a word of the query, not
+        # those found through their neighbours' words only
+        wanted = set(query_terms)
+        return [
+            (found[id_], score)
+            for id_, score in ranked
+            if id_ in found and not wanted.isdisjoint(terms(found[id_].text))
+        ][:limit]
 
     # -- the indexes -------------------------------------------------------------------
 
@@ -301,9 +245,15 @@ class LexicalRetrieval:
                 self._build(scope, store, entry)
 
     def _add(
-        self, scope: Scope, entry: _Entry, index: Bm25Index, docs: list[tuple[str, str]]
+        self,
+        scope: Scope,
+        entry: _Entry,
+        index: Bm25Index,
+        docs: list[tuple[str, str]],
+        *,
+        continues: bool = True,
     ) -> None:
-        added = index.add(docs)
+        added = index.add(docs, continues=continues)
         with self._lock:
             if self._entries.get(scope.key) is entry and entry.index is index:
                 self._indexed += added
@@ -316,7 +266,7 @@ class LexicalRetrieval:
         with self._lock:
             entry.buffer = []
         try:
-            index = Bm25Index()
+            index = Bm25Index(self.neighbour_weight)
             index.add(_read(store, scope, None))
         finally:
             with self._lock:

@@ -4,8 +4,9 @@ Memory budget (`context_token_budget`), filled in this order while each part
 fits: the newest recent messages up to `recent_share` of the budget; then the
 semantic units by rank, each hit followed by the rest of its unit (its answer
 or question and synapse neighbours; the engine gives them to the best
-`semantic_context_size` hits only), unless that rest costs more than
-`long_pair_tokens`: then it waits until every hit that fits is in; then older
+`semantic_context_size` hits only), unless that rest is long
+(`long_message_tokens`, 150): then it waits until every hit that fits is in
+(a 700-token answer would crowd out five relevant short turns); then older
 recent messages. A part that
 does not fit is skipped, not a reason to stop: a shorter one after it may fit.
 So under a tight budget a lower-ranked hit's answer gives way before a better
@@ -23,7 +24,12 @@ from typing import Any
 
 import anyio.to_thread
 
-from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE, ContextPlan, TokenBudget
+from reservoir_middleware.context import (
+    RECENT_NOTE,
+    SEMANTIC_NOTE,
+    ContextPlan,
+    TokenBudget,
+)
 from reservoir_middleware.hookspecs import hookimpl
 from reservoir_middleware.records import MessageRecord
 
@@ -88,14 +94,14 @@ def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
 
     take_recent(int(limit * budget.recent_share))
     present = {r.id for r in recent[first_recent:]}  # a hit among them is not repeated
+    long = budget.long_message
     units = sorted(plan.semantic, key=lambda u: u.score, reverse=True)
     order: list[tuple[int, bool]] = []
     deferred: list[tuple[int, bool]] = []  # long answers: after every hit
     for i, unit in enumerate(units):
         order.append((i, True))
         rest = [r for r in unit.records if r.id != unit.hit_id]
-        long = budget.long_pair > 0 and cost(rest) > budget.long_pair
-        (deferred if long else order).append((i, False))
+        (deferred if long > 0 and cost(rest) > long else order).append((i, False))
     order += deferred
     kept: dict[int, set[str]] = {}
     sem_note = count({"role": "system", "content": SEMANTIC_NOTE})

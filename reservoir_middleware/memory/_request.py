@@ -154,7 +154,7 @@ class RequestPath:
             count_message=counter,
             count_messages=lambda ms: sum(counter(m) for m in ms) + REPLY_PRIMING,
             recent_share=self.recent_share(recent),
-            long_pair=self.settings.long_pair_tokens,
+            long_message=self.settings.long_message_tokens,
         )
 
     def recent_share(self, recent: Sequence[MessageRecord]) -> float:
