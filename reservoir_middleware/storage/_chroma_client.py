@@ -25,7 +25,7 @@ from reservoir_middleware.storage._child import (
     release,
     shared_server,
 )
-from reservoir_middleware.storage._chroma_rows import collection_name
+from reservoir_middleware.storage._chroma_rows import collection_name, passages_name
 from reservoir_middleware.store import EmbeddingMismatch, Vectors
 
 PROBE_COLLECTION = "reservoir-probe"  # no scope's (not `rsv-`): one vector, no text
@@ -199,6 +199,29 @@ class ChromaConnection:
                 f"`reservoir replay --embedding {self.embedding_model}` or set "
                 f"RSV_EMBEDDING={stored_model}"
             )
+        self.collections[name] = col
+        return col
+
+    def passages(self, scope: Scope, *, create: bool = False) -> Any | None:
+        """The collection of the scope's passages (`_chroma_rows.PASSAGES_PREFIX`);
+        None when it has none, or only of another embedding model (a replay
+        that stopped half way: they are made again)."""
+        name = passages_name(scope)
+        cached = self.collections.get(name)
+        if cached is not None and (self.server is None or self.server.alive()):
+            return cached
+        if create:
+            metadata = {"embedding_model": self.embedding_model, "hnsw:space": "cosine"}
+            col = self.client.get_or_create_collection(
+                name, metadata=metadata, embedding_function=None
+            )
+        else:
+            try:
+                col = self.client.get_collection(name, embedding_function=None)
+            except NotFoundError:
+                return None
+        if (col.metadata or {}).get("embedding_model") != self.embedding_model:
+            return None
         self.collections[name] = col
         return col
 
