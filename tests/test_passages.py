@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from reservoir_middleware import Reservoir, Scope
+from reservoir_middleware import MessageRecord, Reservoir, Scope
 from reservoir_middleware.memory import _minilm
+from reservoir_middleware.storage import maintenance
+from reservoir_middleware.storage._chroma_passages import unmarked
 from reservoir_middleware.storage._chroma_rows import passages_name
 from reservoir_middleware.storage.chroma import ChromaStore
 from tests.conftest import make_settings
@@ -229,3 +231,45 @@ def segment_dirs(data_dir: Path, collection: str) -> list[Path]:
     with contextlib.closing(sqlite3.connect(data_dir / "chroma.sqlite3")) as db:
         rows = db.execute("SELECT id FROM segments WHERE collection = ?", (collection,))
         return [data_dir / str(row[0]) for row in rows]
+
+
+async def test_a_replay_gives_passages_to_a_store_filled_before_them(tmp_path: Path) -> None:
+    """A store written before passages existed works as it did (a long message
+    has its first vector only); `reservoir replay` with the same model gives
+    its long messages their passages, once."""
+    settings = make_settings(tmp_path, disable_plugins=["lexical"])
+    engine = Reservoir(settings)
+    scope = Scope("p", "i")
+    try:
+        store = engine.store
+        assert isinstance(store, ChromaStore)
+        turns = conversation()
+        records = [
+            MessageRecord(
+                id=f"m{n}",
+                partition="p",
+                instance="i",
+                role=turn["role"],
+                text=turn["content"],
+                seq=n,
+                embedding_model=engine.embedding_model,
+            )
+            for n, turn in enumerate(turns)
+        ]
+        vectors = [[float(x) for x in v] for v in engine.embedder([t["content"] for t in turns])]
+        store.reservoir_store(scope, records, vectors)  # as before: no passages
+        col = store.collection(scope)
+        assert col is not None
+        col.modify(metadata=unmarked(col.metadata or {}))  # nor the mark of a scope with them
+        store.forget(scope)
+        hits = await engine.search("p", "i", QUESTION, limit=3)
+        assert hits[0].record.text != LONG_ANSWER  # it works, without passages
+        assert len(hits) == 3
+        assert await maintenance.replay(store, settings, "minilm") == 1  # the long answer
+        assert passages_name(scope) in {c.name for c in store.client.list_collections()}
+        hits = await engine.search("p", "i", QUESTION, limit=3)
+        assert hits[0].record.text == LONG_ANSWER
+        assert await maintenance.replay(store, settings, "minilm") == 0  # done: not again
+        assert store.count(scope) == len(turns)
+    finally:
+        await engine.close()

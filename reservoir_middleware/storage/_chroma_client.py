@@ -25,6 +25,7 @@ from reservoir_middleware.storage._child import (
     release,
     shared_server,
 )
+from reservoir_middleware.storage._chroma_passages import MARK, VERSION
 from reservoir_middleware.storage._chroma_rows import collection_name, passages_name
 from reservoir_middleware.store import EmbeddingMismatch, Vectors
 
@@ -182,6 +183,7 @@ class ChromaConnection:
                     "instance": scope.instance,
                     "embedding_model": self.embedding_model,
                     "created": time.time(),
+                    MARK: VERSION,  # its long messages have their passages
                     "hnsw:space": "cosine",
                 },
                 embedding_function=None,

@@ -23,6 +23,7 @@ from chromadb.errors import NotFoundError
 from reservoir_middleware.hookspecs import hookimpl
 from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.storage import _chroma_admin as admin
+from reservoir_middleware.storage import _chroma_passages as longer  # long messages' passages
 from reservoir_middleware.storage import _chroma_rows as rows
 from reservoir_middleware.storage._child import ChromaServer
 from reservoir_middleware.storage._chroma_client import (
@@ -31,12 +32,7 @@ from reservoir_middleware.storage._chroma_client import (
     make_client,
     store_down,
 )
-from reservoir_middleware.storage._chroma_rows import (
-    COLLECTION_PREFIX,
-    _metadata,
-    collection_name,
-    passages_name,
-)
+from reservoir_middleware.storage._chroma_rows import COLLECTION_PREFIX, _metadata, collection_name
 from reservoir_middleware.storage._mirror import Loader, PassageLoader, shared_mirror
 from reservoir_middleware.storage._scrub import erase, remove_segments
 from reservoir_middleware.store import (
@@ -165,7 +161,7 @@ class ChromaStore:
         name = collection_name(scope)
         with self._lock:
             self._chroma.collections.pop(name, None)
-            self._chroma.collections.pop(passages_name(scope), None)
+            self._chroma.collections.pop(rows.passages_name(scope), None)
             self._recent.pop(name, None)
             self._tails.pop(name, None)
             # a recent-window read begun before this must not refill the cache
@@ -196,7 +192,7 @@ class ChromaStore:
         assert col is not None
         step = self.max_batch()
         # passages first: a write that fails after them is retried whole
-        written = self._store_passages(scope, records, passages, step)
+        written = longer.write(self._chroma, scope, records, passages, step)
         for start in range(0, len(records), step):  # one long transcript may exceed it
             part = records[start : start + step]
             col.upsert(
@@ -218,34 +214,13 @@ class ChromaStore:
         if self.single_writer:
             self._mirror.add(name, records, embeddings, written)
 
-    def _store_passages(
-        self, scope: Scope, records: list[MessageRecord], passages: Passages | None, step: int
-    ) -> tuple[list[str], list[list[float]]]:
-        """Replace the passages of these messages (`_chroma_rows.PASSAGES_PREFIX`);
-        the passages' messages and vectors, for the mirror."""
-        ids = [r.id for r in records]
-        given = passages if passages is not None else [[] for _ in records]
-        pcol = self._chroma.passages(scope, create=any(given))
-        if pcol is None:
-            return [], []
-        pcol.delete(where={"message": {"$in": ids}})  # a message written again
-        passage_ids, vectors, metas = rows.passage_rows(ids, given)
-        for start in range(0, len(passage_ids), step):
-            pcol.upsert(
-                ids=passage_ids[start : start + step],
-                embeddings=vectors[start : start + step],
-                metadatas=metas[start : start + step],
-            )
-        self._chroma.written(passages_name(scope))
-        return [m["message"] for m in metas], vectors
-
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
         """Delete the scope's collections, its passages' first; embedded, each is
         erased from the disk first (`scrub.erase`); if that fails, the collection
         stays and this raises."""
         self.forget(scope)
-        for name in (passages_name(scope), collection_name(scope)):
+        for name in (rows.passages_name(scope), collection_name(scope)):
             with contextlib.suppress(NotFoundError):
                 col = self.client.get_collection(name, embedding_function=None)
                 segments = erase(self.data_dir, str(col.id)) if self.chroma_url is None else []
@@ -269,21 +244,7 @@ class ChromaStore:
                 records = {r.id: r for r in self.get(scope, [i for i, _ in hits])}
                 return [(records[i], sim) for i, sim in hits if i in records]
         col = self.collection(scope)
-        if col is None:
-            return []
-        found = rows.query(col, embedding, limit)
-        pcol = self._chroma.passages(scope)
-        if pcol is None:
-            return found
-        best = rows.best_of(
-            [(r.id, sim) for r, sim in found],
-            rows.nearest_passages(pcol, embedding, limit),
-            limit=limit,
-        )
-        records = {r.id: r for r, _ in found}
-        missing = [i for i, _ in best if i not in records]
-        records.update((r.id, r) for r in (rows.by_ids(col, missing) if missing else []))
-        return [(records[i], sim) for i, sim in best if i in records]
+        return [] if col is None else longer.query(self._chroma, scope, col, embedding, limit)
 
     @_retry_if_deleted
     def nearest(
@@ -298,13 +259,7 @@ class ChromaStore:
             if hits is not None:
                 return hits
         col = self.collection(scope)
-        if col is None:
-            return []
-        found = rows.nearest(col, embedding, limit)
-        pcol = self._chroma.passages(scope)
-        if pcol is None:
-            return found
-        return rows.best_of(found, rows.nearest_passages(pcol, embedding, limit), limit=limit)
+        return [] if col is None else longer.nearest(self._chroma, scope, col, embedding, limit)
 
     def recent(self, scope: Scope, limit: int) -> list[MessageRecord]:
         if limit <= 0:
@@ -436,12 +391,15 @@ class ChromaStore:
 
     def reembed(self, embedder: Embedder, model: str, progress: Progress | None = None) -> int:
         """Each scope is copied into a side collection with the new vectors, then
-        swapped in; after an interruption, the next run skips what was copied and
-        finishes any swap left half done."""
+        swapped in, and its passages made anew; after an interruption, the next
+        run skips what was copied and finishes any swap left half done. A scope
+        of the same model filled before passages existed gets its passages."""
         client = self.client
         admin.finish_swaps(client)
         done = 0
         for scope in self.scopes():
-            done += admin.copy_with_new_vectors(client, scope, embedder, model, progress)
+            copied = admin.copy_with_new_vectors(client, scope, embedder, model, progress)
+            backfilled = longer.backfill(client, scope, embedder, model)
+            done += copied or backfilled
             self.forget(scope)
         return done
