@@ -15,6 +15,8 @@ import pytest
 
 from reservoir_middleware import MessageRecord, Reservoir, Scope
 from reservoir_middleware.memory import _minilm
+from reservoir_middleware.memory._passages import MAX_PASSAGES, PASSAGE_PIECES, passages_of, spans
+from reservoir_middleware.memory.embeddings import MiniLMEmbedding, OpenAICompatibleEmbedding
 from reservoir_middleware.storage import maintenance
 from reservoir_middleware.storage._chroma_passages import unmarked
 from reservoir_middleware.storage._chroma_rows import passages_name
@@ -273,3 +275,51 @@ async def test_a_replay_gives_passages_to_a_store_filled_before_them(tmp_path: P
         assert store.count(scope) == len(turns)
     finally:
         await engine.close()
+
+
+async def test_an_import_makes_the_passages_an_export_does_not_carry(tmp_path: Path) -> None:
+    source = Reservoir(make_settings(tmp_path / "a", disable_plugins=["lexical"]))
+    target = Reservoir(make_settings(tmp_path / "b", disable_plugins=["lexical"]))
+    try:
+        await source.add("p", "i", conversation())
+        exported = [
+            row for page in source.store.pages(Scope("p", "i"), embeddings=True) for row in page
+        ]
+        assert all(vector is not None for _, vector in exported)  # reused, not recomputed
+        assert await target.import_records(exported) == (len(exported), 0)
+        hits = await target.search("p", "i", QUESTION, limit=3)
+        assert hits[0].record.text == LONG_ANSWER
+        assert [h.record.id for h in hits] == [
+            h.record.id for h in await source.search("p", "i", QUESTION, limit=3)
+        ]
+    finally:
+        await source.close()
+        await target.close()
+
+
+def test_passages_cover_what_the_model_does_not_read_in_pieces_it_reads_whole() -> None:
+    model = MiniLMEmbedding()
+    (pieces,) = model.split_passages([LONG_ANSWER])
+    assert model.split_passages([LONG_ANSWER]) == [pieces]  # the same text, the same cut
+    assert 3 <= len(pieces) <= MAX_PASSAGES
+    reads = _minilm.MAX_TOKENS - 2
+    assert all(word_pieces(p) <= min(PASSAGE_PIECES + 2, reads) for p in pieces)
+    # from within what the message's own vector reads, to the end, without a gap
+    starts = [LONG_ANSWER.index(p) for p in pieces]
+    assert word_pieces(LONG_ANSWER[: starts[0]]) < reads
+    for start, piece, after in zip(starts, pieces, starts[1:], strict=False):
+        assert after <= start + len(piece)
+    assert LONG_ANSWER.endswith(pieces[-1])
+    # at sentence ends: each starts a sentence (these sentences are short enough)
+    assert all(p[0].isupper() for p in pieces) and all(p.endswith(".") for p in pieces)
+    assert model.split_passages(["short", "", CHATTER[0] * 20]) == [[], [], []]
+
+
+def test_only_an_embedder_that_says_how_much_it_reads_gets_passages() -> None:
+    remote = OpenAICompatibleEmbedding("text-embedding-3-small", url="http://127.0.0.1:9")
+    assert passages_of(remote, [LONG_ANSWER]) == [[]]  # it may read it all: no call made
+    assert passages_of(lambda texts: [[1.0] for _ in texts], [LONG_ANSWER]) == [[]]
+    assert len(passages_of(MiniLMEmbedding(), [LONG_ANSWER])[0]) >= 3
+    text = "x " * 300
+    assert spans(text, [(2 * i, 2 * i + 1) for i in range(300)], ["x"] * 300, 254)
+    assert spans(text, [(2 * i, 2 * i + 1) for i in range(254)], ["x"] * 254, 254) == []
