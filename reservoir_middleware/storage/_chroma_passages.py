@@ -46,7 +46,8 @@ def write(
     pcol = conn.passages(scope, create=any(given))
     if pcol is None:
         return [], []
-    pcol.delete(where={"message": {"$in": ids}})  # a message written again
+    for start in range(0, len(ids), step):  # what a message written again had
+        pcol.delete(where={"message": {"$in": ids[start : start + step]}})
     passage_ids, vectors, metas = rows.passage_rows(ids, given)
     for start in range(0, len(passage_ids), step):
         pcol.upsert(
