@@ -205,7 +205,7 @@ def passages(texts: Sequence[str]) -> list[list[str]]:
     """The passages of each text past what the model reads (`memory._passages`),
     its word pieces counted by the model's own tokenizer; none for a text it
     reads whole."""
-    from reservoir_middleware.memory._passages import spans
+    from reservoir_middleware.memory._passages import MAX_CHARS, spans
 
     splitter = _splitter()
     reads = MAX_TOKENS - 2  # [CLS] and [SEP] take two
@@ -214,6 +214,7 @@ def passages(texts: Sequence[str]) -> list[list[str]]:
         if len(text) <= reads // 4:  # too short to be longer than that, whatever the script
             out.append([])
             continue
+        text = text[:MAX_CHARS]  # a huge text: its passages end before this anyway
         encoding = splitter.encode(text, add_special_tokens=False)
         cut = spans(text, encoding.offsets, encoding.tokens, reads)
         out.append([text[start:end] for start, end in cut])

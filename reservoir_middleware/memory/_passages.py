@@ -23,6 +23,7 @@ from typing import Any
 PASSAGE_PIECES = 200  # word pieces per passage (the model reads 254 besides [CLS], [SEP])
 OVERLAP = 32  # pieces a passage may repeat of the one before, to start at a boundary
 MAX_PASSAGES = 32  # per message: a huge one is seen up to about 5,700 word pieces
+MAX_CHARS = 80_000  # of a text, what is tokenized to cut it (more than those pieces hold)
 
 # how good a place to cut the space before a piece is
 _INSIDE_WORD, _WORD, _SENTENCE, _LINE, _PARAGRAPH = range(5)
