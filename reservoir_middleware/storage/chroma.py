@@ -162,6 +162,7 @@ class ChromaStore:
         with self._lock:
             self._chroma.collections.pop(name, None)
             self._chroma.collections.pop(rows.passages_name(scope), None)
+            self._chroma.no_passages.pop(rows.passages_name(scope), None)
             self._recent.pop(name, None)
             self._tails.pop(name, None)
             # a recent-window read begun before this must not refill the cache
