@@ -5,6 +5,7 @@ real embedded Chroma (inline and in the child), the real model."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import sqlite3
@@ -208,7 +209,11 @@ async def test_deleting_the_scope_leaves_no_trace_of_its_passages(
         assert len(ids) >= 3
         segments = segment_dirs(data_dir, str(passages.id))
         assert rows_of(data_dir, ids) > 0 and files_holding(data_dir, marker.encode())
-        assert segments and any(folder.is_dir() for folder in segments)
+        for _ in range(100):  # (the child's Chroma makes its index files in the background)
+            if any(folder.is_dir() for folder in segments):
+                break
+            await asyncio.sleep(0.1)
+        assert any(folder.is_dir() for folder in segments)
         assert await engine.delete("gone") == 1
         names = {c.name for c in store.client.list_collections()}
         assert passages_name(gone) not in names and passages_name(stays) in names
