@@ -130,7 +130,21 @@ def backfill(client: Any, scope: Scope, embedder: Embedder, model: str) -> int:
                     embedding_function=None,
                 )
             ids, flat, metas = rows.passage_rows([r.id for r in records], given)
-            pcol.upsert(ids=ids, embeddings=flat, metadatas=metas)
+            step = _max_batch(client)
+            for start in range(0, len(ids), step):
+                end = start + step
+                pcol.upsert(
+                    ids=ids[start:end], embeddings=flat[start:end], metadatas=metas[start:end]
+                )
             done += sum(1 for passages in cut if passages)
     col.modify(metadata={**unmarked(metadata), MARK: VERSION})
     return done
+
+
+def _max_batch(client: Any) -> int:
+    """Rows Chroma takes in one call (as `ChromaConnection.max_batch`)."""
+    try:
+        size = int(client.get_max_batch_size())
+    except Exception:
+        size = -1
+    return size if size > 0 else 1000
