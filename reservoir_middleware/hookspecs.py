@@ -75,14 +75,20 @@ def reservoir_prepare_record(
 
 @hookspec
 def reservoir_store(
-    scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+    scope: Scope,
+    records: list[MessageRecord],
+    embeddings: list[list[float]],
+    passages: list[list[list[float]]],
 ) -> Awaitable[None] | None:
     """Persist new messages of one scope.
 
     Called by every plugin, once per batch, with records that are not stored
-    yet, their `seq` assigned, and one embedding per record. The built-in
-    Chroma store writes them; an index plugin can keep its own copy. Return
-    value is ignored.
+    yet, their `seq` assigned, and one embedding per record. `passages[i]` are
+    the vectors of record i's passages: what of a long message the embedding
+    model does not read, cut into pieces (empty for most messages); the store
+    keeps them so that the dense search sees all of a message. The built-in
+    Chroma store writes them; an index plugin can keep its own copy (and leave
+    `passages` out of its arguments). Return value is ignored.
     """
 
 

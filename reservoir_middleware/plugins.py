@@ -9,6 +9,7 @@ with its plugin name and collected, and the others still run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,12 +90,18 @@ class Hooks:
         self.pm = pm
 
     async def _invoke(self, impl: Any, hook: str, kwargs: dict[str, Any], outcome: Outcome) -> Any:
-        """Call one implementation; a failure is logged, recorded and yields None."""
+        """Call one implementation; a failure is logged, recorded and yields None.
+
+        An argument the implementation gives a default (the stores' `passages`,
+        so that they can be called without it) gets the call's value, as in
+        pluggy's own calls."""
         args = [kwargs[name] for name in impl.argnames]
+        extra = {name: kwargs[name] for name in impl.kwargnames if name in kwargs}
+        function = functools.partial(impl.function, **extra) if extra else impl.function
         try:
             if inspect.iscoroutinefunction(impl.function):
-                return await impl.function(*args)
-            result = await anyio.to_thread.run_sync(impl.function, *args)
+                return await function(*args)
+            result = await anyio.to_thread.run_sync(function, *args)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -167,11 +174,19 @@ class Hooks:
         return current, outcome
 
     async def store(
-        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+        self,
+        scope: Scope,
+        records: list[MessageRecord],
+        embeddings: list[list[float]],
+        passages: list[list[list[float]]] | None = None,
     ) -> Outcome:
-        return await self._call(
-            "reservoir_store", {"scope": scope, "records": records, "embeddings": embeddings}
-        )
+        kwargs = {
+            "scope": scope,
+            "records": records,
+            "embeddings": embeddings,
+            "passages": passages if passages is not None else [[] for _ in records],
+        }
+        return await self._call("reservoir_store", kwargs)
 
     async def _gather(self, hook: str, kwargs: dict[str, Any]) -> Outcome:
         """Every implementation at once (independent reads)."""

@@ -26,6 +26,9 @@ Page = list[tuple[MessageRecord, list[float] | None]]
 # Chroma types its functions as giving float32 or int32 arrays).
 Vectors = Sequence["Sequence[float] | NDArray[np.number[Any]]"]
 Embedder = Callable[[list[str]], Vectors]
+# Per record of a write, the vectors of its passages (what of a long message the
+# embedding model does not read: `memory._passages`); empty for most.
+Passages = list[list[list[float]]]
 # Told how many more messages are done (a progress bar).
 Progress = Callable[[int], None]
 PAGE = 256  # records per page of `Storage.pages`, unless asked otherwise
@@ -74,7 +77,10 @@ class MemoryStore(Protocol):
     def nearest(
         self, scope: Scope, embedding: Sequence[float], limit: int
     ) -> list[tuple[str, float]]:
-        """Like `query`, but only the ids with their cosine similarity (cheaper)."""
+        """Like `query`, but only the ids with their cosine similarity (cheaper).
+
+        Both score a message by the best of its own vector and its passages'
+        (`Storage.reservoir_store`), and give each message once."""
         ...
 
     def documents(
@@ -138,11 +144,18 @@ class Storage(MemoryStore, Protocol):
     # -- the write path -------------------------------------------------------------
 
     def reservoir_store(
-        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+        self,
+        scope: Scope,
+        records: list[MessageRecord],
+        embeddings: list[list[float]],
+        passages: Passages | None = None,
     ) -> None:
         """The `reservoir_store` hook: write new messages of one scope, numbered
-        and linked by the engine, one embedding each (an id stored already is
-        replaced). Raising fails the write: it is kept and tried again."""
+        and linked by the engine, one embedding each, and the vectors of each
+        one's passages (an id stored already is replaced, passages included).
+        Passages are never messages: not counted, listed, paged nor read by id;
+        they only lift their message in `query` and `nearest`. Raising fails
+        the write: it is kept and tried again."""
         ...
 
     def reservoir_delete(self, scope: Scope) -> None:
@@ -190,7 +203,8 @@ class Storage(MemoryStore, Protocol):
 
     def reembed(self, embedder: Embedder, model: str, progress: Progress | None = None) -> int:
         """Give every scope not embedded with `model` new vectors from `embedder`
-        (the text of `records.embedding_text`); returns how many messages got them.
+        (the text of `records.embedding_text`), and passages as `embedder` cuts
+        them (`memory._passages.passages_of`); returns how many messages got them.
 
         Resumable: an interruption leaves every scope readable with one model or
         the other, and the next run finishes the work without redoing what was done.

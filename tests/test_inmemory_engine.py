@@ -140,12 +140,16 @@ class Flaky(InMemoryStore):
 
     @hookimpl
     def reservoir_store(
-        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+        self,
+        scope: Scope,
+        records: list[MessageRecord],
+        embeddings: list[list[float]],
+        passages: list[list[list[float]]] | None = None,
     ) -> None:
         if self.refused < self.down:
             self.refused += 1
             raise OSError(28, "No space left on device")
-        super().reservoir_store(scope, records, embeddings)
+        super().reservoir_store(scope, records, embeddings, passages)
 
 
 async def test_writes_the_store_refuses_wait_and_land_in_order(tmp_path: Path) -> None:

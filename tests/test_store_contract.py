@@ -18,7 +18,8 @@ from reservoir_middleware.records import embedding_text
 from reservoir_middleware.storage.chroma import ChromaStore
 from reservoir_middleware.storage.inmemory import InMemoryStore
 from reservoir_middleware.store import EmbeddingMismatch, Location, MemoryStore, Storage
-from tests.memory_fixtures import CONVERSATION, vectors
+from tests.memory_fixtures import CONVERSATION, embedder, vectors
+from tests.test_passages import LONG_ANSWER, QUESTION
 
 MODEL = MiniLMEmbedding.model_name
 SCOPE = Scope("p", "i")
@@ -228,3 +229,48 @@ def test_reembed_gives_new_vectors_once_and_then_reads_refuse_the_old_model(
         assert record.embedding_model == "reversed"
         expected = reversed_vectors([embedding_text(record)])[0]
         assert vector == pytest.approx(expected, abs=1e-6)
+
+
+def test_passages_lift_their_message_and_are_no_messages(filled: Storage) -> None:
+    """A long message's passages (what the model does not read of it) count in
+    the dense search, its best vector scoring it, and nowhere else."""
+    long = replace(records()[0], id="i-6", seq=6, role="assistant", text=LONG_ANSWER)
+    (pieces,) = embedder().split_passages([LONG_ANSWER])
+    assert len(pieces) >= 3
+    own, *more = vectors([LONG_ANSWER, *pieces])
+    filled.reservoir_store(SCOPE, [long], [own], [more])
+    (asked,) = vectors([QUESTION])
+    exact = [float(np.dot(v, asked)) for v in (own, *more)]
+    assert max(exact[1:]) > exact[0] + 0.2  # the fact is in a passage only
+
+    def check() -> None:
+        found = filled.nearest(SCOPE, asked, 3)
+        assert found[0][0] == "i-6" and found[0][1] == pytest.approx(max(exact), abs=1e-3)
+        assert len({i for i, _ in found}) == 3  # each message once
+        hits = filled.query(SCOPE, asked, 3)
+        assert [(r.id, round(s, 3)) for r, s in hits] == [(i, round(s, 3)) for i, s in found]
+        assert hits[0][0] == long
+
+    check()  # (Chroma: read from Chroma while the scope's copy loads)
+    assert len(filled.documents(SCOPE, 0, 100)) == 7  # (waits for the copy)
+    check()  # (from the in-memory index)
+    assert filled.count(SCOPE) == 7 and len(filled.recent(SCOPE, 100)) == 7
+    assert [len(page) for page in filled.pages(SCOPE)] == [7]
+    assert {s.scope: s.messages for s in filled.scope_stats()}[SCOPE] == 7
+    assert filled.get(SCOPE, ["i-6#1"]) == [] and filled.existing_ids(SCOPE, ["i-6#1"]) == set()
+    assert filled.scopes() == [Scope("p", "i"), Scope("p", "j"), Scope("q", "i")]
+
+    write(
+        filled, [replace(long, text="Thanks, that is all for today.")]
+    )  # written again: no passages
+    assert "i-6" not in [i for i, _ in filled.nearest(SCOPE, asked, 2)]
+    filled.forget(SCOPE)  # (Chroma: from Chroma again)
+    assert "i-6" not in [i for i, _ in filled.nearest(SCOPE, asked, 2)]
+
+    filled.reservoir_store(SCOPE, [long], [own], [more])
+    filled.reservoir_delete(SCOPE)
+    filled.forget(SCOPE)
+    write(filled, [replace(long, text="Thanks, that is all for today.")])  # the scope anew
+    assert filled.nearest(SCOPE, asked, 3)[0][1] == pytest.approx(
+        float(np.dot(vectors(["Thanks, that is all for today."])[0], asked)), abs=1e-3
+    )

@@ -50,6 +50,7 @@ class _Runtime:
 # One session per (model file, threads) for the whole process: engines are cheap
 # to create, the model's 90 MB of weights are not.
 _RUNTIMES: dict[tuple[str, int], _Runtime] = {}
+_SPLITTER: list[Any] = []  # the tokenizer without truncation, for `passages` (loaded once)
 _VERIFIED: set[tuple[str, int, int]] = set()
 _LOAD_LOCK = threading.Lock()
 
@@ -198,3 +199,37 @@ def embed(texts: Sequence[str], *, threads: int, batch_size: int = 32) -> list[N
     if padded >= TRIM_AFTER_TOKENS:
         trim()  # its buffers, freed but kept by glibc (hundreds of MB): ~10-70 ms
     return result
+
+
+def passages(texts: Sequence[str]) -> list[list[str]]:
+    """The passages of each text past what the model reads (`memory._passages`),
+    its word pieces counted by the model's own tokenizer; none for a text it
+    reads whole."""
+    from reservoir_middleware.memory._passages import MAX_CHARS, spans
+
+    splitter = _splitter()
+    reads = MAX_TOKENS - 2  # [CLS] and [SEP] take two
+    out: list[list[str]] = []
+    for text in texts:
+        if len(text) <= reads // 4:  # too short to be longer than that, whatever the script
+            out.append([])
+            continue
+        text = text[:MAX_CHARS]  # a huge text: its passages end before this anyway
+        encoding = splitter.encode(text, add_special_tokens=False)
+        cut = spans(text, encoding.offsets, encoding.tokens, reads)
+        out.append([text[start:end] for start, end in cut])
+    return out
+
+
+def _splitter() -> Any:
+    if _SPLITTER:
+        return _SPLITTER[0]
+    with _LOAD_LOCK:
+        if not _SPLITTER:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(_tokenizer_file()))
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+            _SPLITTER.append(tokenizer)
+    return _SPLITTER[0]

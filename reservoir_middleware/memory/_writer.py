@@ -13,13 +13,15 @@ The caller holds the scope's write lock (`Writes.scope_lock`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio.to_thread
 
 from reservoir_middleware.memory._lane import WriteJob
+from reservoir_middleware.memory._passages import passages_of
 from reservoir_middleware.memory.embeddings import as_floats, cosine
 from reservoir_middleware.memory.validation import STORED_ROLES
 from reservoir_middleware.plugins import Hooks
@@ -32,7 +34,7 @@ from reservoir_middleware.records import (
     embedding_text,
     message_text,
 )
-from reservoir_middleware.store import Storage, Tail, Vectors
+from reservoir_middleware.store import Passages, Storage, Tail
 
 Exported = tuple[MessageRecord, list[float] | None]  # a record and its vector, if kept
 
@@ -134,12 +136,8 @@ class Writer:
         """Embed, number and link new messages, then hand them to the store plugins."""
         texts = [embedding_text(r) for r in fresh]
         missing = [t for t in dict.fromkeys(texts) if t not in known]
-        if missing:
-            vectors = await anyio.to_thread.run_sync(self._embed_for_write, missing)
-            known = {
-                **known,
-                **{t: as_floats(v) for t, v in zip(missing, vectors, strict=True)},
-            }
+        embedded = await anyio.to_thread.run_sync(self._embed_for_write, missing, texts)
+        known = {**known, **embedded.vectors}
         embeddings = [known[t] for t in texts]
         next_seq, last, last_vector = tail
         for index, (record, vector) in enumerate(zip(fresh, embeddings, strict=True)):
@@ -154,22 +152,43 @@ class Writer:
             ):
                 record.synapse_prev = last.id
             next_seq, last, last_vector = next_seq + 1, record, vector
-        await self._hand_over(scope, fresh, embeddings)
+        await self._hand_over(scope, fresh, embeddings, embedded.passages_of(texts))
 
     async def _hand_over(
-        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+        self,
+        scope: Scope,
+        records: list[MessageRecord],
+        embeddings: list[list[float]],
+        passages: Passages,
     ) -> None:
         """To the store plugins; the store's own failure fails the write."""
-        outcome = await self.hooks.store(scope, records, embeddings)
+        outcome = await self.hooks.store(scope, records, embeddings, passages)
         for failure in outcome.failures:
             if failure.plugin == self.store.name:
                 self.store.forget(scope)
                 raise failure.error
 
-    def _embed_for_write(self, texts: list[str]) -> Vectors:
-        """By the store when it can (the child process), else here."""
-        vectors = self.store.embed(texts)
-        return vectors if vectors is not None else self.embedder(texts)
+    def _embed_for_write(
+        self, missing: list[str], texts: list[str], *, by_store: bool = True
+    ) -> _Embedded:
+        """The vectors of the `missing` texts and of the passages of all `texts` (the
+        long ones: `memory._passages`): by the store when it can (the child
+        process), else here (an import: with all the engine's threads). The
+        passages go in a batch of their own: padded to the longest message (256
+        word pieces) they would take 1.5x the time."""
+        missing = list(dict.fromkeys(missing))
+        cut = dict(zip(texts, passages_of(self.embedder, texts), strict=True))
+        pieces = list(dict.fromkeys(p for text in texts for p in cut[text]))
+        vectors = self._vectors(missing, by_store)
+        return _Embedded(vectors, cut, self._vectors(pieces, by_store))
+
+    def _vectors(self, texts: list[str], by_store: bool) -> dict[str, list[float]]:
+        if not texts:
+            return {}
+        vectors = self.store.embed(texts) if by_store else None
+        if vectors is None:
+            vectors = self.embedder(texts)
+        return {t: as_floats(v) for t, v in zip(texts, vectors, strict=True)}
 
     async def import_scope(self, scope: Scope, items: Sequence[Exported]) -> tuple[int, int]:
         """Store exported records of one scope as they are (ids, links, times kept);
@@ -192,16 +211,35 @@ class Writer:
                 fresh.append((prepared, reuse if prepared.text == record.text else None))
         if not fresh:
             return 0, existing
-        todo = [embedding_text(r) for r, v in fresh if v is None]
-        computed = iter(await anyio.to_thread.run_sync(self.embedder, todo) if todo else [])
-        vectors = [v if v is not None else [float(x) for x in next(computed)] for _, v in fresh]
+        texts = [embedding_text(r) for r, _ in fresh]
+        todo = [t for (_, v), t in zip(fresh, texts, strict=True) if v is None]
+        embedded = await anyio.to_thread.run_sync(
+            functools.partial(self._embed_for_write, todo, texts, by_store=False)
+        )
+        vectors = [
+            v if v is not None else embedded.vectors[t]
+            for (_, v), t in zip(fresh, texts, strict=True)
+        ]
         next_seq = (await anyio.to_thread.run_sync(self.store.tail, scope))[0]
         records = [r for r, _ in fresh]
         for offset, record in enumerate(records):
             record.seq = next_seq + offset
             record.embedding_model = self.embedding_model
-        await self._hand_over(scope, records, vectors)
+        await self._hand_over(scope, records, vectors, embedded.passages_of(texts))
         return len(records), existing
+
+
+@dataclass
+class _Embedded:
+    """Vectors of texts to write, and of their passages."""
+
+    vectors: dict[str, list[float]]  # text -> its vector
+    cut: dict[str, list[str]]  # text -> its passages
+    pieces: dict[str, list[float]]  # passage -> its vector
+
+    def passages_of(self, texts: list[str]) -> Passages:
+        """Each text's passage vectors, in order (empty for a text read whole)."""
+        return [[self.pieces[p] for p in self.cut[t]] for t in texts]
 
 
 def message_records(

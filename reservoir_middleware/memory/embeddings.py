@@ -89,6 +89,11 @@ class MiniLMEmbedding(EmbeddingFunction[Documents]):
     def __call__(self, input: Documents) -> Embeddings:
         return list(self.embed(input))
 
+    def split_passages(self, texts: Sequence[str]) -> list[list[str]]:
+        """What of each text the model does not read (past 256 word pieces), cut
+        into passages to embed besides it (`memory._passages`)."""
+        return _minilm.passages(_texts(texts))
+
     @staticmethod
     def name() -> str:
         return "reservoir-minilm-l6-v2-int8"

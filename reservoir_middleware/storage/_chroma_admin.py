@@ -15,6 +15,7 @@ from typing import Any
 from chromadb.errors import NotFoundError
 
 from reservoir_middleware.records import Scope, embedding_text
+from reservoir_middleware.storage._chroma_passages import drop, unmarked
 from reservoir_middleware.storage._chroma_rows import COLLECTION_PREFIX, _record, collection_name
 from reservoir_middleware.store import PAGE, Embedder, Location, Page, Progress, ScopeStats
 
@@ -91,7 +92,9 @@ def copy_with_new_vectors(
     if (source.metadata or {}).get("embedding_model") == model:
         return 0
     side_name = REPLAY_PREFIX + source_name[len(COLLECTION_PREFIX) :]
-    metadata = {**(source.metadata or {}), "embedding_model": model}
+    # its passages are made anew once it is swapped in (`_chroma_passages.backfill`)
+    metadata = {**unmarked(source.metadata or {}), "embedding_model": model}
+    metadata["hnsw:space"] = "cosine"
     side = client.get_or_create_collection(side_name, metadata=metadata, embedding_function=None)
     copied = set(side.get(include=[])["ids"])
     done = offset = 0
@@ -117,6 +120,7 @@ def copy_with_new_vectors(
         done += len(rows)
         if progress is not None:
             progress(len(rows))
+    drop(client, scope)  # of the old model
     client.delete_collection(source_name)
     side.modify(name=source_name)
     return done

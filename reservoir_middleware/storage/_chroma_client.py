@@ -25,12 +25,14 @@ from reservoir_middleware.storage._child import (
     release,
     shared_server,
 )
-from reservoir_middleware.storage._chroma_rows import collection_name
+from reservoir_middleware.storage._chroma_passages import MARK, VERSION
+from reservoir_middleware.storage._chroma_rows import collection_name, passages_name
 from reservoir_middleware.store import EmbeddingMismatch, Vectors
 
 PROBE_COLLECTION = "reservoir-probe"  # no scope's (not `rsv-`): one vector, no text
 CHILD_EMBED_MAX = 64  # texts per write embedded in the child; more (imports): by the engine
 FALLBACK_BATCH = 1000  # records per upsert when the client cannot tell its limit
+PASSAGES_RECHECK_S = 5.0  # a scope found without passages is asked again after this
 
 
 def make_client(data_dir: Path, chroma_url: str | None) -> Any:
@@ -99,6 +101,7 @@ class ChromaConnection:
         self._opened: list[Any] = []
         weakref.finalize(self, _close_clients, self._opened)
         self.collections: dict[str, Any] = {}
+        self.no_passages: dict[str, float] = {}  # scopes found without passages, and when
         self._max_batch: tuple[Any, int] | None = None  # (client, its batch limit)
         self.lock = threading.Lock()
         # Inline: what Chroma creates for a collection's first write, made 0600/0700 after it
@@ -182,6 +185,7 @@ class ChromaConnection:
                     "instance": scope.instance,
                     "embedding_model": self.embedding_model,
                     "created": time.time(),
+                    MARK: VERSION,  # its long messages have their passages
                     "hnsw:space": "cosine",
                 },
                 embedding_function=None,
@@ -199,6 +203,34 @@ class ChromaConnection:
                 f"`reservoir replay --embedding {self.embedding_model}` or set "
                 f"RSV_EMBEDDING={stored_model}"
             )
+        self.collections[name] = col
+        return col
+
+    def passages(self, scope: Scope, *, create: bool = False) -> Any | None:
+        """The collection of the scope's passages (`_chroma_rows.PASSAGES_PREFIX`);
+        None when it has none, or only of another embedding model (a replay
+        that stopped half way: they are made again)."""
+        name = passages_name(scope)
+        cached = self.collections.get(name)
+        if cached is not None and (self.server is None or self.server.alive()):
+            return cached
+        missed = self.no_passages.get(name)
+        if not create and missed is not None and time.monotonic() - missed < PASSAGES_RECHECK_S:
+            return None  # most scopes have none: not asked again on every read and write
+        if create:
+            metadata = {"embedding_model": self.embedding_model, "hnsw:space": "cosine"}
+            col = self.client.get_or_create_collection(
+                name, metadata=metadata, embedding_function=None
+            )
+        else:
+            try:
+                col = self.client.get_collection(name, embedding_function=None)
+            except NotFoundError:
+                self.no_passages[name] = time.monotonic()
+                return None
+        self.no_passages.pop(name, None)
+        if (col.metadata or {}).get("embedding_model") != self.embedding_model:
+            return None
         self.collections[name] = col
         return col
 

@@ -14,6 +14,11 @@ from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.store import Tail
 
 COLLECTION_PREFIX = "rsv-"
+# A scope's passages (`memory._passages`): a sibling collection, made at its first
+# long message, of vectors only (no text), id `<message id>#<n>`, metadata
+# {"message": id}; not COLLECTION_PREFIX: it is no scope.
+PASSAGES_PREFIX = "rsvpas-"
+PASSAGE_DEPTH = 3  # passages asked for per message wanted (several may be one message's)
 _RECORD_FIELDS = {f.name for f in fields(MessageRecord)}
 
 
@@ -22,6 +27,35 @@ def collection_name(scope: Scope) -> str:
         COLLECTION_PREFIX
         + hashlib.sha256(scope.key.encode("utf-8", "surrogatepass")).hexdigest()[:48]
     )
+
+
+def passages_name(scope: Scope) -> str:
+    return PASSAGES_PREFIX + collection_name(scope)[len(COLLECTION_PREFIX) :]
+
+
+def passage_rows(
+    ids: Sequence[str], passages: Sequence[Sequence[Sequence[float]]]
+) -> tuple[list[str], list[list[float]], list[dict[str, Any]]]:
+    """Ids, vectors and metadata of the passages of messages `ids`, numbered from 1."""
+    out_ids: list[str] = []
+    vectors: list[list[float]] = []
+    metas: list[dict[str, Any]] = []
+    for id_, vectors_of in zip(ids, passages, strict=True):
+        for n, vector in enumerate(vectors_of, start=1):
+            out_ids.append(f"{id_}#{n}")
+            vectors.append([float(x) for x in vector])
+            metas.append({"message": id_})
+    return out_ids, vectors, metas
+
+
+def best_of(*hits: Sequence[tuple[str, float]], limit: int) -> list[tuple[str, float]]:
+    """Each message once, with its best similarity, best first."""
+    best: dict[str, float] = {}
+    for found in hits:
+        for id_, similarity in found:
+            if similarity > best.get(id_, -2.0):
+                best[id_] = similarity
+    return sorted(best.items(), key=lambda item: -item[1])[:limit]
 
 
 def _metadata(record: MessageRecord) -> dict[str, Any]:
@@ -94,6 +128,27 @@ def nearest(col: Any, embedding: Sequence[float], limit: int) -> list[tuple[str,
         (i, 1.0 - float(dist))
         for i, dist in zip(result["ids"][0], result["distances"][0], strict=True)
     ]
+
+
+def nearest_passages(col: Any, embedding: Sequence[float], limit: int) -> list[tuple[str, float]]:
+    """The messages of the passages nearest to `embedding`, each with its best."""
+    result = col.query(
+        query_embeddings=[list(embedding)],
+        n_results=limit * PASSAGE_DEPTH,
+        include=["distances", "metadatas"],
+    )
+    hits = [
+        (str((meta or {}).get("message", "")), 1.0 - float(dist))
+        for meta, dist in zip(result["metadatas"][0], result["distances"][0], strict=True)
+    ]
+    return best_of([h for h in hits if h[0]], limit=limit)
+
+
+def passage_page(col: Any, offset: int, limit: int) -> tuple[list[str], Any]:
+    """Passages in the store's order: their messages' ids and their vectors."""
+    result = col.get(include=["metadatas", "embeddings"], offset=offset, limit=limit)
+    owners = [str((m or {}).get("message", "")) for m in result.get("metadatas") or []]
+    return owners, result.get("embeddings")
 
 
 def newest(col: Any, limit: int) -> list[MessageRecord]:

@@ -14,7 +14,9 @@ loaded again when read.
 Their embeddings go into an in-memory HNSW index (hnswlib, the library Chroma
 itself builds on; about 1.7 KB per message), so the dense search of a
 request is answered here in a fraction of a millisecond and never waits for
-Chroma, which may be busy writing.
+Chroma, which may be busy writing. A long message's passages (`memory.
+_passages`) are more points of the same index, labelled with their message:
+a search asks for a few more points and keeps each message's best.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ Packed = tuple[object, ...]
 Vectors = Sequence[Sequence[float]] | np.ndarray
 # (offset, limit) -> a page of records, with their embeddings in the same order
 Loader = Callable[[int, int], tuple[list[MessageRecord], Vectors | None]]
+# (offset, limit) -> a page of passages: the ids of their messages, and their vectors
+PassageLoader = Callable[[int, int], tuple[list[str], Vectors | None]]
+# what a write adds besides its records: the passages' messages and vectors, flat
+Written = tuple[list[str], Vectors]
 
 
 class _VectorIndex:
@@ -69,8 +75,10 @@ class _VectorIndex:
 
     def __init__(self) -> None:
         self._index: Any = None
-        self.ids: list[str] = []
+        self.ids: list[str] = []  # by label: the message (a passage's: its message)
         self.labels: dict[str, int] = {}
+        self.passages: dict[str, list[int]] = {}  # a message's passages' labels
+        self.passage_count = 0
         self._lock = threading.Lock()
 
     def add(self, ids: Sequence[str], vectors: Vectors, threads: int = 1) -> None:
@@ -85,49 +93,91 @@ class _VectorIndex:
                     label = self.labels[id_] = len(self.ids)
                     self.ids.append(id_)
                 labels.append(label)
-            if self._index is None:
-                import hnswlib
+            self._insert(matrix, labels, threads)
 
-                index = hnswlib.Index(space="cosine", dim=int(matrix.shape[1]))
-                index.init_index(
-                    max_elements=max(1024, len(self.ids)),
-                    ef_construction=HNSW_EF_CONSTRUCTION,
-                    M=HNSW_M,
-                )
-                index.set_ef(HNSW_EF_SEARCH)
-                self._index = index
-            elif len(self.ids) > self._index.get_max_elements():
-                self._index.resize_index(max(len(self.ids), self._index.get_max_elements() * 2))
-            self._index.add_items(matrix, np.asarray(labels, dtype=np.int64), num_threads=threads)
+    def drop_passages(self, owners: Iterable[str]) -> None:
+        """Forget the passages of these messages (they are written again)."""
+        with self._lock:
+            if not self.passage_count or self._index is None:
+                return
+            for owner in owners:
+                for label in self.passages.pop(owner, ()):
+                    self._index.mark_deleted(label)
+                    self.passage_count -= 1
+
+    def add_passages(self, owners: Sequence[str], vectors: Vectors, threads: int = 1) -> None:
+        """Passages of the messages `owners` (one per row), besides those they have."""
+        matrix = np.asarray(vectors, dtype=np.float32)
+        if not len(owners) or matrix.ndim != 2 or matrix.shape[0] != len(owners):
+            return
+        with self._lock:
+            labels = []
+            for owner in owners:
+                label = len(self.ids)
+                self.ids.append(owner)
+                self.passages.setdefault(owner, []).append(label)
+                labels.append(label)
+            self.passage_count += len(labels)
+            self._insert(matrix, labels, threads)
+
+    def _insert(self, matrix: np.ndarray, labels: list[int], threads: int) -> None:
+        """Under the lock: points at these labels (the graph made or grown first)."""
+        if self._index is None:
+            import hnswlib
+
+            index = hnswlib.Index(space="cosine", dim=int(matrix.shape[1]))
+            index.init_index(
+                max_elements=max(1024, len(self.ids)),
+                ef_construction=HNSW_EF_CONSTRUCTION,
+                M=HNSW_M,
+            )
+            index.set_ef(HNSW_EF_SEARCH)
+            self._index = index
+        elif len(self.ids) > self._index.get_max_elements():
+            self._index.resize_index(max(len(self.ids), self._index.get_max_elements() * 2))
+        self._index.add_items(matrix, np.asarray(labels, dtype=np.int64), num_threads=threads)
 
     def nearest(self, vector: Sequence[float], limit: int) -> list[tuple[str, float]]:
+        """The `limit` nearest messages, each once with its best point's similarity:
+        with passages, more points are asked for (twice as many again while a
+        message's passages crowd others out)."""
         with self._lock:
             index = self._index
             count = 0 if index is None else int(index.get_current_count())
             if count == 0 or limit <= 0:
                 return []
             query = np.asarray(vector, dtype=np.float32)
-            k = min(limit, count)
+            want = min(limit + min(self.passage_count, 2 * limit), count)
             while True:
-                try:
-                    labels, distances = index.knn_query(query, k=k)
+                found = self._knn(index, query, want)
+                best: dict[str, float] = {}
+                for label, dist in found:
+                    best.setdefault(self.ids[label], 1.0 - dist)
+                if len(best) >= limit or len(found) < want or want >= count:
                     break
-                except RuntimeError:  # hnswlib reached fewer than k points: ask for fewer
-                    if k <= 1:
-                        return []
-                    k //= 2
-        ids = self.ids
-        return [
-            (ids[int(label)], 1.0 - float(dist))
-            for label, dist in zip(labels[0], distances[0], strict=True)
-        ]
+                want = min(want * 2, count)
+        return list(best.items())[:limit]
+
+    @staticmethod
+    def _knn(index: Any, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(label, distance) of the k nearest points, nearest first."""
+        while True:
+            try:
+                labels, distances = index.knn_query(query, k=k)
+                break
+            except RuntimeError:  # hnswlib reached fewer than k points: ask for fewer
+                if k <= 1:
+                    return []
+                k //= 2
+        return [(int(a), float(b)) for a, b in zip(labels[0], distances[0], strict=True)]
 
 
 class _ScopeCopy:
     def __init__(self) -> None:
         self.rows: dict[str, Packed] = {}
         self.vectors = _VectorIndex()
-        self.pending: list[tuple[list[str], Vectors]] = []  # written while loading
+        # written while loading: message ids and vectors, and passages
+        self.pending: list[tuple[list[str], Vectors, Written | None]] = []
         self.ready = False
         self.settled = threading.Event()  # loaded, or failed
 
@@ -140,10 +190,13 @@ class RecordMirror:
         self._lock = threading.Lock()
         self._scopes: OrderedDict[str, _ScopeCopy] = OrderedDict()
 
-    def get(self, name: str, ids: Iterable[str], load: Loader) -> list[MessageRecord] | None:
+    def get(
+        self, name: str, ids: Iterable[str], load: Loader, passages: PassageLoader | None = None
+    ) -> list[MessageRecord] | None:
         """The records with these ids, by seq; None when the scope is not loaded yet
-        (a load starts in the background)."""
-        copy = self._ready(name, load)
+        (a load starts in the background: `load` reads the records, `passages`
+        the passages)."""
+        copy = self._ready(name, load, passages)
         if copy is None:
             return None
         rows = copy.rows
@@ -151,27 +204,41 @@ class RecordMirror:
         return sorted(found, key=lambda r: r.seq)
 
     def nearest(
-        self, name: str, vector: Sequence[float], limit: int, load: Loader
+        self,
+        name: str,
+        vector: Sequence[float],
+        limit: int,
+        load: Loader,
+        passages: PassageLoader | None = None,
     ) -> list[tuple[str, float]] | None:
         """The ids of the `limit` most similar messages with their cosine
-        similarity; None when the scope is not loaded yet."""
-        copy = self._ready(name, load)
+        similarity (a message's best, its passages' included); None when the
+        scope is not loaded yet."""
+        copy = self._ready(name, load, passages)
         if copy is None:
             return None
         return copy.vectors.nearest(vector, limit)
 
-    def existing(self, name: str, ids: Iterable[str], load: Loader) -> set[str] | None:
-        copy = self._ready(name, load)
+    def existing(
+        self, name: str, ids: Iterable[str], load: Loader, passages: PassageLoader | None = None
+    ) -> set[str] | None:
+        copy = self._ready(name, load, passages)
         if copy is None:
             return None
         return {i for i in ids if i in copy.rows}
 
     def documents(
-        self, name: str, offset: int, limit: int, min_seq: int | None, load: Loader
+        self,
+        name: str,
+        offset: int,
+        limit: int,
+        min_seq: int | None,
+        load: Loader,
+        passages: PassageLoader | None = None,
     ) -> list[tuple[str, str]] | None:
         """A page of (id, text) in load-then-write order, once the scope is loaded
         (waits for it); None if it cannot be loaded."""
-        self._ready(name, load)
+        self._ready(name, load, passages)
         with self._lock:
             copy = self._scopes.get(name)
         if copy is None or not copy.settled.wait(LOAD_WAIT_S) or not copy.ready:
@@ -183,9 +250,15 @@ class RecordMirror:
             rows = list(itertools.islice(values, offset, offset + limit))
         return [(str(row[_ID]), str(row[_TEXT])) for row in rows]
 
-    def add(self, name: str, records: Sequence[MessageRecord], vectors: Vectors) -> None:
-        """Records just written, with their embeddings (also while a load runs:
-        it keeps them)."""
+    def add(
+        self,
+        name: str,
+        records: Sequence[MessageRecord],
+        vectors: Vectors,
+        passages: Written | None = None,
+    ) -> None:
+        """Records just written, with their embeddings and passages (also while a
+        load runs: it keeps them)."""
         with self._lock:
             copy = self._scopes.get(name)
             if copy is None:
@@ -193,15 +266,15 @@ class RecordMirror:
             for record in records:
                 copy.rows[record.id] = _pack(record, copy.rows)
             if not copy.ready:  # the load adds them at its end: a writer never waits for it
-                copy.pending.append(([r.id for r in records], vectors))
+                copy.pending.append(([r.id for r in records], vectors, passages))
                 return
-        copy.vectors.add([r.id for r in records], vectors)
+        _add_written(copy.vectors, [r.id for r in records], vectors, passages)
 
     def forget(self, name: str) -> None:
         with self._lock:
             self._scopes.pop(name, None)
 
-    def _ready(self, name: str, load: Loader) -> _ScopeCopy | None:
+    def _ready(self, name: str, load: Loader, passages: PassageLoader | None) -> _ScopeCopy | None:
         with self._lock:
             copy = self._scopes.get(name)
             if copy is not None:
@@ -209,11 +282,16 @@ class RecordMirror:
                 return copy if copy.ready else None
             copy = self._scopes[name] = _ScopeCopy()
         threading.Thread(
-            target=self._load, args=(name, copy, load), name="reservoir-mirror", daemon=True
+            target=self._load,
+            args=(name, copy, load, passages),
+            name="reservoir-mirror",
+            daemon=True,
         ).start()
         return None
 
-    def _load(self, name: str, copy: _ScopeCopy, load: Loader) -> None:
+    def _load(
+        self, name: str, copy: _ScopeCopy, load: Loader, passages: PassageLoader | None
+    ) -> None:
         try:
             offset = 0
             while True:
@@ -232,6 +310,8 @@ class RecordMirror:
                 if len(page) < PAGE:
                     break
                 offset += PAGE
+            if passages is not None:
+                self._load_passages(copy, passages)
             while True:
                 with self._lock:
                     pending, copy.pending = copy.pending, []
@@ -239,8 +319,8 @@ class RecordMirror:
                         copy.ready = True
                         self._evict(keep=name)
                         break
-                for ids, written in pending:
-                    copy.vectors.add(ids, written)
+                for ids, written, extra in pending:
+                    _add_written(copy.vectors, ids, written, extra)
             gcfreeze.loaded(len(copy.rows))
         except Exception as exc:
             log_failure("loading a scope into memory failed; reads go to the store", exc)
@@ -249,6 +329,22 @@ class RecordMirror:
                     del self._scopes[name]
         finally:
             copy.settled.set()
+
+    @staticmethod
+    def _load_passages(copy: _ScopeCopy, load: PassageLoader) -> None:
+        """The stored passages of the loaded messages (those written meanwhile
+        are pending: they replace these)."""
+        offset = 0
+        while True:
+            owners, vectors = load(offset, PAGE)
+            kept = [i for i, owner in enumerate(owners) if owner in copy.rows]
+            if vectors is not None and kept:
+                matrix = np.asarray(vectors, dtype=np.float32)[kept]
+                owned = [owners[i] for i in kept]
+                copy.vectors.add_passages(owned, matrix, threads=LOAD_THREADS)
+            if len(owners) < PAGE:
+                break
+            offset += PAGE
 
     def _evict(self, keep: str) -> None:
         total = sum(len(c.rows) for c in self._scopes.values())
@@ -272,6 +368,17 @@ def shared_mirror(data_dir: Path) -> RecordMirror:
         if mirror is None:
             mirror = _SHARED_MIRRORS[key] = RecordMirror()
         return mirror
+
+
+def _add_written(
+    index: _VectorIndex, ids: list[str], vectors: Vectors, passages: Written | None
+) -> None:
+    """A write's vectors into the index: its messages', and their passages, which
+    replace those they had (a message written again may have fewer, or none)."""
+    index.add(ids, vectors)
+    index.drop_passages(ids)
+    if passages is not None:
+        index.add_passages(*passages)
 
 
 def _pack(record: MessageRecord, rows: dict[str, Packed]) -> Packed:

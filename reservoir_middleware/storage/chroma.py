@@ -23,6 +23,7 @@ from chromadb.errors import NotFoundError
 from reservoir_middleware.hookspecs import hookimpl
 from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.storage import _chroma_admin as admin
+from reservoir_middleware.storage import _chroma_passages as longer  # long messages' passages
 from reservoir_middleware.storage import _chroma_rows as rows
 from reservoir_middleware.storage._child import ChromaServer
 from reservoir_middleware.storage._chroma_client import (
@@ -32,13 +33,14 @@ from reservoir_middleware.storage._chroma_client import (
     store_down,
 )
 from reservoir_middleware.storage._chroma_rows import COLLECTION_PREFIX, _metadata, collection_name
-from reservoir_middleware.storage._mirror import Loader, shared_mirror
+from reservoir_middleware.storage._mirror import Loader, PassageLoader, shared_mirror
 from reservoir_middleware.storage._scrub import erase, remove_segments
 from reservoir_middleware.store import (
     PAGE,
     Embedder,
     Location,
     Page,
+    Passages,
     Progress,
     ScopeStats,
     Tail,
@@ -159,6 +161,8 @@ class ChromaStore:
         name = collection_name(scope)
         with self._lock:
             self._chroma.collections.pop(name, None)
+            self._chroma.collections.pop(rows.passages_name(scope), None)
+            self._chroma.no_passages.pop(rows.passages_name(scope), None)
             self._recent.pop(name, None)
             self._tails.pop(name, None)
             # a recent-window read begun before this must not refill the cache
@@ -169,17 +173,27 @@ class ChromaStore:
 
     @hookimpl
     def reservoir_store(
-        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+        self,
+        scope: Scope,
+        records: list[MessageRecord],
+        embeddings: list[list[float]],
+        passages: Passages | None = None,
     ) -> None:
         if records:
-            self._store(scope, records, embeddings)
+            self._store(scope, records, embeddings, passages)
 
     def _store(
-        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+        self,
+        scope: Scope,
+        records: list[MessageRecord],
+        embeddings: list[list[float]],
+        passages: Passages | None,
     ) -> None:
         col = self.collection(scope, create=True)
         assert col is not None
         step = self.max_batch()
+        # passages first: a write that fails after them is retried whole
+        written = longer.write(self._chroma, scope, records, passages, step)
         for start in range(0, len(records), step):  # one long transcript may exceed it
             part = records[start : start + step]
             col.upsert(
@@ -199,18 +213,20 @@ class ChromaStore:
                 last = max(range(len(records)), key=lambda i: records[i].seq)
                 self._tails[name] = (records[last].seq + 1, records[last], embeddings[last])
         if self.single_writer:
-            self._mirror.add(name, records, embeddings)
+            self._mirror.add(name, records, embeddings, written)
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
-        """Delete the scope's collection; embedded, its text is erased from the disk
-        first (`scrub.erase`); if that fails, the collection stays and this raises."""
+        """Delete the scope's collections, its passages' first; embedded, each is
+        erased from the disk first (`scrub.erase`); if that fails, the collection
+        stays and this raises."""
         self.forget(scope)
-        with contextlib.suppress(NotFoundError):
-            col = self.client.get_collection(collection_name(scope), embedding_function=None)
-            segments = erase(self.data_dir, str(col.id)) if self.chroma_url is None else []
-            self.client.delete_collection(collection_name(scope))
-            remove_segments(self.data_dir, segments)
+        for name in (rows.passages_name(scope), collection_name(scope)):
+            with contextlib.suppress(NotFoundError):
+                col = self.client.get_collection(name, embedding_function=None)
+                segments = erase(self.data_dir, str(col.id)) if self.chroma_url is None else []
+                self.client.delete_collection(name)
+                remove_segments(self.data_dir, segments)
         self.forget(scope)
 
     # -- reads -----------------------------------------------------------------
@@ -229,7 +245,7 @@ class ChromaStore:
                 records = {r.id: r for r in self.get(scope, [i for i, _ in hits])}
                 return [(records[i], sim) for i, sim in hits if i in records]
         col = self.collection(scope)
-        return [] if col is None else rows.query(col, embedding, limit)
+        return [] if col is None else longer.query(self._chroma, scope, col, embedding, limit)
 
     @_retry_if_deleted
     def nearest(
@@ -244,7 +260,7 @@ class ChromaStore:
             if hits is not None:
                 return hits
         col = self.collection(scope)
-        return [] if col is None else rows.nearest(col, embedding, limit)
+        return [] if col is None else longer.nearest(self._chroma, scope, col, embedding, limit)
 
     def recent(self, scope: Scope, limit: int) -> list[MessageRecord]:
         if limit <= 0:
@@ -273,21 +289,28 @@ class ChromaStore:
     ) -> list[tuple[str, float]] | None:
         """From the scope's in-memory index; None until it is loaded."""
         name = collection_name(scope)
-        return self._mirror.nearest(name, embedding, limit, self._page_loader(scope))
+        load, passages = self._loaders(scope)
+        return self._mirror.nearest(name, embedding, limit, load, passages)
 
-    def _page_loader(self, scope: Scope) -> Loader:
+    def _loaders(self, scope: Scope) -> tuple[Loader, PassageLoader]:
+        """How the mirror reads the scope: its records, then its passages."""
+
         def load(offset: int, limit: int) -> tuple[list[MessageRecord], Any]:
             col = self.collection(scope)
             return ([], None) if col is None else rows.page(col, offset, limit)
 
-        return load
+        def passages(offset: int, limit: int) -> tuple[list[str], Any]:
+            pcol = self._chroma.passages(scope)
+            return ([], None) if pcol is None else rows.passage_page(pcol, offset, limit)
+
+        return load, passages
 
     @_retry_if_deleted
     def get(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
         if not ids:
             return []
         if self.single_writer:
-            copied = self._mirror.get(collection_name(scope), ids, self._page_loader(scope))
+            copied = self._mirror.get(collection_name(scope), ids, *self._loaders(scope))
             if copied is not None:
                 return copied
         col = self.collection(scope)
@@ -303,7 +326,7 @@ class ChromaStore:
             return []
         if self.single_writer:  # one read of the scope serves the mirror and the caller
             name = collection_name(scope)
-            page = self._mirror.documents(name, offset, limit, min_seq, self._page_loader(scope))
+            page = self._mirror.documents(name, offset, limit, min_seq, *self._loaders(scope))
             if page is not None:
                 return page
         col = self.collection(scope)
@@ -314,7 +337,7 @@ class ChromaStore:
         if not ids:
             return set()
         if self.single_writer:
-            copied = self._mirror.existing(collection_name(scope), ids, self._page_loader(scope))
+            copied = self._mirror.existing(collection_name(scope), ids, *self._loaders(scope))
             if copied is not None:
                 return copied
         col = self.collection(scope)
@@ -369,12 +392,15 @@ class ChromaStore:
 
     def reembed(self, embedder: Embedder, model: str, progress: Progress | None = None) -> int:
         """Each scope is copied into a side collection with the new vectors, then
-        swapped in; after an interruption, the next run skips what was copied and
-        finishes any swap left half done."""
+        swapped in, and its passages made anew; after an interruption, the next
+        run skips what was copied and finishes any swap left half done. A scope
+        of the same model filled before passages existed gets its passages."""
         client = self.client
         admin.finish_swaps(client)
         done = 0
         for scope in self.scopes():
-            done += admin.copy_with_new_vectors(client, scope, embedder, model, progress)
+            copied = admin.copy_with_new_vectors(client, scope, embedder, model, progress)
+            backfilled = longer.backfill(client, scope, embedder, model)
+            done += copied or backfilled
             self.forget(scope)
         return done

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reservoir_middleware.hookspecs import hookimpl
+from reservoir_middleware.memory._passages import passages_of
 from reservoir_middleware.memory.embeddings import MiniLMEmbedding
 from reservoir_middleware.records import MessageRecord, Scope, embedding_text
 from reservoir_middleware.store import (
@@ -25,6 +26,7 @@ from reservoir_middleware.store import (
     EmbeddingMismatch,
     Location,
     Page,
+    Passages,
     Progress,
     ScopeStats,
     Tail,
@@ -36,6 +38,8 @@ from reservoir_middleware.store import (
 class _Scope:
     model: str  # what its vectors were made with
     rows: dict[str, tuple[MessageRecord, np.ndarray]] = field(default_factory=dict)
+    # a long message's passages' vectors (`memory._passages`), one row each
+    passages: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _copy(record: MessageRecord) -> MessageRecord:
@@ -102,9 +106,14 @@ class InMemoryStore:
 
     @hookimpl
     def reservoir_store(
-        self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
+        self,
+        scope: Scope,
+        records: list[MessageRecord],
+        embeddings: list[list[float]],
+        passages: Passages | None = None,
     ) -> None:
-        if len(records) != len(embeddings):
+        given = passages if passages is not None else [[] for _ in records]
+        if not len(records) == len(embeddings) == len(given):
             raise ValueError(f"{len(records)} records but {len(embeddings)} embeddings")
         for record in records:
             if record.embedding_model not in (None, self.embedding_model):
@@ -117,8 +126,11 @@ class InMemoryStore:
             kept = self._readable(scope)
             if kept is None:
                 kept = self._scopes[scope] = _Scope(self.embedding_model)
-            for record, vector in zip(records, embeddings, strict=True):
+            for record, vector, vectors in zip(records, embeddings, given, strict=True):
                 kept.rows[record.id] = (_copy(record), np.asarray(vector, dtype=np.float32))
+                kept.passages.pop(record.id, None)  # a message written again: its new ones
+                if len(vectors):
+                    kept.passages[record.id] = np.asarray(vectors, dtype=np.float32)
 
     @hookimpl
     def reservoir_delete(self, scope: Scope) -> None:
@@ -145,10 +157,18 @@ class InMemoryStore:
     def query(
         self, scope: Scope, embedding: Sequence[float], limit: int
     ) -> list[tuple[MessageRecord, float]]:
+        """Exact: a message scores the best of its own vector and its passages'."""
         if limit <= 0:
             return []
-        rows = self._rows(scope)
+        with self._lock:
+            kept = self._readable(scope)
+            rows = list(kept.rows.values()) if kept is not None else []
+            passages = dict(kept.passages) if kept is not None else {}
         sims = _similarities(rows, embedding)
+        for i, (record, _) in enumerate(rows):
+            more = passages.get(record.id)
+            if more is not None:
+                sims[i] = max(sims[i], *_similarities([(record, v) for v in more], embedding))
         best = sorted(range(len(rows)), key=lambda i: -sims[i])[:limit]
         return [(_copy(rows[i][0]), sims[i]) for i in best]
 
@@ -247,17 +267,24 @@ class InMemoryStore:
                 if kept is None or kept.model == model:
                     continue
                 rows = list(kept.rows.values())
-            fresh: dict[str, tuple[MessageRecord, np.ndarray]] = {}
+            fresh = _Scope(model)
             for start in range(0, len(rows), PAGE):
                 part = [_copy(r) for r, _ in rows[start : start + PAGE]]
-                vectors = embedder([embedding_text(r) for r in part])
-                for record, vector in zip(part, vectors, strict=True):
+                texts = [embedding_text(r) for r in part]
+                cut = passages_of(embedder, texts)
+                pieces = [p for passages in cut for p in passages]
+                vectors = list(embedder(texts + pieces)) if texts else []
+                more = iter(vectors[len(texts) :])
+                for record, vector, passages in zip(part, vectors, cut, strict=False):
                     record.embedding_model = model
-                    fresh[record.id] = (record, np.asarray(vector, dtype=np.float32))
+                    fresh.rows[record.id] = (record, np.asarray(vector, dtype=np.float32))
+                    if passages:
+                        own = [next(more) for _ in passages]
+                        fresh.passages[record.id] = np.asarray(own, dtype=np.float32)
                 if progress is not None:
                     progress(len(part))
             with self._lock:
                 if self._scopes.get(scope) is kept:  # not deleted meanwhile
-                    self._scopes[scope] = _Scope(model, fresh)
-            done += len(fresh)
+                    self._scopes[scope] = fresh
+            done += len(fresh.rows)
         return done
