@@ -36,6 +36,7 @@ from reservoir_middleware.memory._recovery import ExchangeJournal
 from reservoir_middleware.memory._request import Enrichment as Enrichment
 from reservoir_middleware.memory._request import RequestPath
 from reservoir_middleware.memory._request import TooLong as TooLong
+from reservoir_middleware.memory._token_memo import precount_messages, precount_scope
 from reservoir_middleware.memory._writer import Exported, Writer, message_records
 from reservoir_middleware.memory._writes import Writes
 from reservoir_middleware.memory.embeddings import (
@@ -331,6 +332,14 @@ class Reservoir:
         scope = checked_scope(partition, instance)
         # waits for the copy in embedded mode
         await anyio.to_thread.run_sync(self.store.documents, scope, 0, 1)
+        await anyio.to_thread.run_sync(warm_up_encodings)  # what `precount_scope` counts in
+        # what its first request would read (the recent cache), and the token
+        # counts of its texts, which every request filling a budget asks for
+        recent = await anyio.to_thread.run_sync(
+            self.store.recent, scope, max(1, self.settings.recent_context_size)
+        )
+        await anyio.to_thread.run_sync(precount_messages, [r.to_message() for r in recent])
+        await anyio.to_thread.run_sync(precount_scope, self.store, scope)
         outcome = await self.hooks.preload(scope, self.store)
         if outcome.failures:
             raise outcome.failures[0].error

@@ -20,6 +20,7 @@ from typing import Any
 import anyio.to_thread
 
 from reservoir_middleware.memory._lane import WriteJob
+from reservoir_middleware.memory._token_memo import precount_messages
 from reservoir_middleware.memory.embeddings import as_floats, cosine
 from reservoir_middleware.memory.validation import STORED_ROLES
 from reservoir_middleware.plugins import Hooks
@@ -155,6 +156,8 @@ class Writer:
                 record.synapse_prev = last.id
             next_seq, last, last_vector = next_seq + 1, record, vector
         await self._hand_over(scope, fresh, embeddings)
+        # their token counts now, not on the request that first injects them
+        await anyio.to_thread.run_sync(precount_messages, [r.to_message() for r in fresh])
 
     async def _hand_over(
         self, scope: Scope, records: list[MessageRecord], embeddings: list[list[float]]
