@@ -1384,7 +1384,7 @@ def prepare_store(
         known = json.loads(note.read_text())
         if store.is_dir() and {k: known.get(k) for k in expected} == expected:
             row.count = int(known["count"])
-            row.texts = str(known.get("texts", ""))
+            row.texts = str(known.get("source", ""))
             print(f"reusing {store} ({row.count} messages)", file=sys.stderr, flush=True)
             return store
     if layout.stored == 0:
@@ -1417,7 +1417,7 @@ def prepare_store(
         file=sys.stderr,
         flush=True,
     )
-    note.write_text(json.dumps({**expected, "count": row.count, "texts": row.texts}) + "\n")
+    note.write_text(json.dumps({**expected, "count": row.count, "source": row.texts}) + "\n")
     return store
 
 
