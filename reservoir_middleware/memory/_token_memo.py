@@ -27,9 +27,7 @@ from reservoir_middleware.store import MemoryStore
 # -- a memo of texts' counts -------------------------------------------------------------
 
 TOKEN_MEMO_MAX = 600_000  # texts whose count is kept per encoding (a loaded scope's, and more)
-PRECOUNT_CHUNK = 256  # texts encoded at a time (their token lists are dropped after)
 PRECOUNT_PAGE = 1_000  # texts read from the store at a time
-PRECOUNT_THREADS = 2
 _PLAIN_KEYS = frozenset({"role", "content", "name"})
 
 
@@ -46,7 +44,13 @@ class _TextCounts:
         self.old: dict[str, int] = {}
 
     def known(self, text: str) -> bool:
-        return text in self.young or text in self.old
+        """Whether the count is kept (moved to the young generation if it is old)."""
+        if text in self.young:
+            return True
+        tokens = self.old.get(text)
+        if tokens is not None:
+            self.put(text, tokens)
+        return tokens is not None
 
     def get(self, text: str) -> int:
         tokens = self.young.get(text)
@@ -98,26 +102,17 @@ def memoised_counter(model: str | None) -> functools.partial[int]:
     return functools.partial(count_memoised, model=model)
 
 
-def precount(texts: Sequence[str], threads: int = 1) -> int:
+def precount(texts: Sequence[str]) -> int:
     """Count these texts now in every loaded encoding (o200k_base after the
     warm-up), so that no request tokenises them; returns how many were new.
-    tiktoken releases the interpreter while it encodes."""
+    One thread: tiktoken's batch call on two was slower here (a pool per call)."""
     new = 0
     for name in loaded_encodings():
         counts = _text_counts(name)
-        todo = list(dict.fromkeys(t for t in texts if not counts.known(t)))
-        if not todo:
-            continue
         encoding = get_encoding(name)
-        for start in range(0, len(todo), PRECOUNT_CHUNK):  # token lists: a chunk at a time
-            chunk = todo[start : start + PRECOUNT_CHUNK]
-            if threads > 1 and len(chunk) > 1:
-                encoded = encoding.encode_ordinary_batch(chunk, num_threads=threads)
-            else:
-                encoded = [encoding.encode_ordinary(t) for t in chunk]
-            for text, tokens in zip(chunk, encoded, strict=True):
-                counts.put(text, len(tokens))
-        new += len(todo)
+        for text in dict.fromkeys(t for t in texts if not counts.known(t)):
+            counts.put(text, len(encoding.encode_ordinary(text)))
+            new += 1
     return new
 
 
@@ -126,13 +121,13 @@ def precount_messages(messages: Sequence[dict[str, Any]]) -> int:
     return precount([m["content"] for m in messages if isinstance(m.get("content"), str)])
 
 
-def precount_scope(store: MemoryStore, scope: Scope, threads: int = PRECOUNT_THREADS) -> int:
+def precount_scope(store: MemoryStore, scope: Scope) -> int:
     """`precount` of every text of a scope (read page by page): a preloaded
     scope's requests then tokenise only their own messages."""
     new = offset = 0
     while True:
         page = store.documents(scope, offset, PRECOUNT_PAGE, None)
-        new += precount([text for _, text in page], threads)
+        new += precount([text for _, text in page])
         offset += len(page)
         if len(page) < PRECOUNT_PAGE:
             return new
