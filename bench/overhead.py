@@ -21,6 +21,13 @@ instance `stored-<N>`), or spread evenly over S scopes (instances
 store (N = 0) gives one row. The store is filled beforehand by a separate
 process (so the server's peak RSS does not include the fill) with varied short
 messages through `Reservoir.add`, 500 at a time; the fill time is reported.
+With `--texts lme` (or `short,lme`: both, side by side) the stored messages
+look like LongMemEval's: (user, assistant) pairs of its development split in
+`../shared/datasets/longmemeval/` (`--lme-dataset`), long answers of 300-800
+tokens, else similar generated ones (bench/_long_texts.py); those rows say
+"LME-like". Embedding a long message costs 50-300 ms of CPU here, so 10k take
+30-50 min to fill and 100k hours: `--cheap-vectors` embeds only each message's
+first 48 words when filling (whole texts are stored), and the report says so.
 
 **Non-streaming latency.** Sequential requests (httpx, keep-alive), each a new
 short user question, alternating bare and mw (and which goes first) so machine
@@ -116,6 +123,8 @@ from _harness import (
     watch_stdin,
 )
 from _harness import aligned_table as table
+from _long_texts import CHEAP_WORDS, LongTexts, cheap
+from _long_texts import DATASET_DIR as LME_DATASET
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTITION = "bench"
@@ -346,14 +355,16 @@ class Layout:
 
     stored: int
     scopes: int
+    texts: str = "short"  # or "lme": LongMemEval-like exchanges (bench/_long_texts.py)
 
     @property
     def name(self) -> str:
-        return f"fill-{self.stored}x{self.scopes}"
+        return f"fill-{self.stored}x{self.scopes}" + ("" if self.texts == "short" else "-lme")
 
     @property
     def label(self) -> str:
-        return "1 scope" if self.scopes == 1 else f"{self.scopes} scopes"
+        where = "1 scope" if self.scopes == 1 else f"{self.scopes} scopes"
+        return where if self.texts == "short" else f"{where}, LME-like"
 
     def instances(self) -> list[str]:
         if self.scopes == 1:
@@ -365,29 +376,47 @@ class Layout:
         return [each + (1 if k < extra else 0) for k in range(self.scopes)]
 
     def note(self) -> dict[str, Any]:
-        return {"stored": self.stored, "scopes": self.scopes}
+        texts = {} if self.texts == "short" else {"texts": self.texts}
+        return {"stored": self.stored, "scopes": self.scopes, **texts}
 
 
-def layouts_of(stored: Sequence[int], scopes: Sequence[int]) -> list[Layout]:
+def layouts_of(
+    stored: Sequence[int], scopes: Sequence[int], texts: Sequence[str] = ("short",)
+) -> list[Layout]:
     out: list[Layout] = []
     for n in stored:
-        for s in scopes:
-            layout = Layout(n, s if n > 0 else 1)  # an empty store: one row
-            if layout not in out:
-                out.append(layout)
+        for kind in texts:
+            for s in scopes:
+                # an empty store: one row
+                layout = Layout(n, s, kind) if n > 0 else Layout(0, 1)
+                if layout not in out:
+                    out.append(layout)
     return out
 
 
 # -- child processes: serve, fill, LiteLLM ---------------------------------------------
 
 
-def fill_child(data_dir: Path, layout: Layout, seed: int) -> int:
+def fill_child(
+    data_dir: Path,
+    layout: Layout,
+    seed: int,
+    cheap_vectors: bool = False,
+    lme_dataset: Path = LME_DATASET,
+) -> int:
     """Top the layout's scopes up to their sizes in `data_dir`, report, exit."""
     from reservoir_middleware import Reservoir, ReservoirSettings, Scope
 
     stop = threading.Event()
     watch_stdin(stop.set)
     reservoir = Reservoir(ReservoirSettings(data_dir=data_dir))
+    make, source = stored_message, "short generated messages"
+    if layout.texts == "lme":
+        long_texts = LongTexts(lme_dataset)
+        make, source = long_texts.message, long_texts.source
+    if cheap_vectors:  # a batch of 500 is embedded here, not in the Chroma child
+        embed = reservoir._writer.embedder
+        reservoir._writer.embedder = lambda texts: embed(cheap(list(texts)))
 
     async def run() -> dict[str, Any]:
         started = time.perf_counter()
@@ -400,7 +429,7 @@ def fill_child(data_dir: Path, layout: Layout, seed: int) -> int:
             index, rounds = have, 0
             while have < size and not stop.is_set() and rounds < 4 * (size // FILL_BATCH + 2):
                 batch = min(FILL_BATCH, size - have)
-                messages = [stored_message(rng, index + k) for k in range(batch)]
+                messages = [make(rng, index + k) for k in range(batch)]
                 index += batch
                 await reservoir.add(PARTITION, instance, messages)
                 now_have = reservoir.store.count(scope)
@@ -427,6 +456,7 @@ def fill_child(data_dir: Path, layout: Layout, seed: int) -> int:
             "count": done,
             "added": added,
             "seconds": time.perf_counter() - started,
+            "texts": source,
         }
 
     emit(asyncio.run(run()))
@@ -548,6 +578,8 @@ class Row:
     fill_seconds: float = 0.0
     fill_added: int = 0
     copy_seconds: float = 0.0
+    texts: str = ""  # where the stored messages come from
+    vectors: str = ""  # how they were embedded, when not the usual way
     plain: Samples = field(default_factory=Samples)
     ttfb: Samples = field(default_factory=Samples)
     per_chunk_us: Samples = field(default_factory=Samples)
@@ -1155,6 +1187,10 @@ def fill_notes(rows: list[Row]) -> list[str]:
             f"  stored={row.layout.stored} in {row.layout.label}: {row.fill_added} added in "
             f"{row.fill_seconds:.1f} s{rate}{kept}; {row.count} messages before measuring{copied}"
         )
+        if row.texts and row.layout.texts != "short":
+            out.append(f"    messages: {row.texts}")
+        if row.vectors:
+            out.append(f"    stored vectors: {row.vectors}, not of the whole message")
     return [*out, ""]
 
 
@@ -1214,6 +1250,13 @@ def report(
 
 
 # -- main ----------------------------------------------------------------------------------
+
+
+def parse_texts(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if not kinds or any(k not in ("short", "lme") for k in kinds):
+        raise argparse.ArgumentTypeError(f"--texts takes short, lme or both: {text!r}")
+    return list(dict.fromkeys(kinds))
 
 
 def parse_counts(minimum: int) -> Callable[[str], list[int]]:
@@ -1278,6 +1321,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--litellm-requests", type=int, help="measured requests per LiteLLM proxy (--requests)")
     add("--pause-ms", type=float, default=0.0, help="sleep after each sequential request")
     add("--data-dir", type=Path, help="keep and reuse the filled stores here (default: temp)")
+    add(
+        "--texts",
+        type=parse_texts,
+        default=["short"],
+        help="stored messages: short (generated), lme (LongMemEval-like long answers), "
+        "or both: short,lme (default short)",
+    )
+    add(
+        "--lme-dataset",
+        type=Path,
+        default=LME_DATASET,
+        help="LongMemEval directory for --texts lme (absent: similar messages are generated)",
+    )
+    add(
+        "--cheap-vectors",
+        action="store_true",
+        help=f"lme fill: embed each message's first {CHEAP_WORDS} words only (said in the output)",
+    )
     add("--seed", type=int, default=1234)
     add("--timeout", type=float, default=30.0, help="per request, seconds")
     add("--quick", action="store_true", help="tiny smoke run: stored 0,200 in 1 and 10 scopes")
@@ -1315,37 +1376,54 @@ def prepare_store(
     layout = row.layout
     store, note = base / layout.name, base / f"{layout.name}.json"
     expected = {**layout.note(), "seed": args.seed}
+    if args.cheap_vectors and layout.texts == "lme":
+        words = f"first {CHEAP_WORDS} words"
+        expected["vectors"] = f"MiniLM of each message's {words} (--cheap-vectors)"
+    row.vectors = expected.get("vectors", "")
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(note.read_text())
         if store.is_dir() and {k: known.get(k) for k in expected} == expected:
             row.count = int(known["count"])
+            row.texts = str(known.get("source", ""))
             print(f"reusing {store} ({row.count} messages)", file=sys.stderr, flush=True)
             return store
     if layout.stored == 0:
         return store
     note.unlink(missing_ok=True)
     fill = [*argv, "--fill", "--stored", str(layout.stored), "--scopes", str(layout.scopes)]
-    fill += ["--data-dir", str(store)]
+    fill += [
+        "--data-dir",
+        str(store),
+        "--texts",
+        layout.texts,
+        "--lme-dataset",
+        str(args.lme_dataset),
+    ]
+    if row.vectors:
+        fill.append("--cheap-vectors")
+    # per message: 2-5 ms short, 50-300 ms long (embedding 256 tokens, on a busy machine)
+    per_message = 0.5 if layout.texts == "lme" and not row.vectors else 0.05
     print(f"filling {store} ...", file=sys.stderr, flush=True)
     with child(f"fill {layout.name}", fill, on_event) as proc:
-        event = proc.wait_for("fill", 600 + 0.05 * layout.stored)
+        event = proc.wait_for("fill", 600 + per_message * layout.stored)
         if proc.proc.wait(120) != 0:
             raise RuntimeError(f"the fill of {layout.name} exited with {proc.proc.returncode}")
     row.count, row.fill_added = int(event["count"]), int(event["added"])
     row.fill_seconds = float(event["seconds"])
+    row.texts = str(event.get("texts", ""))
     print(
         f"filled {layout.name}: {row.fill_added} added, {row.count} in store, "
         f"{row.fill_seconds:.1f} s",
         file=sys.stderr,
         flush=True,
     )
-    note.write_text(json.dumps({**expected, "count": row.count}) + "\n")
+    note.write_text(json.dumps({**expected, "count": row.count, "source": row.texts}) + "\n")
     return store
 
 
 def run(args: argparse.Namespace) -> int:
     run_started = time.monotonic()
-    rows = [Row(layout) for layout in layouts_of(args.stored, args.scopes)]
+    rows = [Row(layout) for layout in layouts_of(args.stored, args.scopes, args.texts)]
     servers: dict[str, dict[str, Any]] = {}
     script = str(Path(__file__).resolve())
     litellm: LiteLLMResult | None = None
@@ -1426,7 +1504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_child(args.serve, args.data_dir)
     if args.fill:
         assert args.data_dir is not None
-        return fill_child(args.data_dir, Layout(args.stored[0], args.scopes[0]), args.seed)
+        layout = Layout(args.stored[0], args.scopes[0], args.texts[0])
+        return fill_child(args.data_dir, layout, args.seed, args.cheap_vectors, args.lme_dataset)
     if args.litellm_child:
         assert args.litellm_config is not None and args.port is not None
         return litellm_child(args.litellm_child, args.litellm_config, args.port)

@@ -96,3 +96,30 @@ def test_overhead_benchmark_quick_run() -> None:
         assert 10 < bare_peak < mw_peak, line
 
     assert "degraded answers 0" in out, out
+
+
+@pytest.mark.timeout(400)
+def test_overhead_benchmark_rows_with_long_messages(tmp_path: Path) -> None:
+    """`--texts lme`: rows whose stored messages are long answers, generated when
+    the LongMemEval split is not there; `--cheap-vectors` is said in the report."""
+    done = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "bench" / "overhead.py"), "--quick"),
+            *("--stored", "200", "--scopes", "1", "--texts", "short,lme", "--cheap-vectors"),
+            *("--lme-dataset", str(tmp_path / "absent"), "--concurrency", "1"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    latency = rows(out, "| stored | layout | bare p50 |")
+    layouts = [("200", "1 scope"), ("200", "1 scope, LME-like")]
+    assert len(latency) == len(layouts), out
+    for line, (stored, layout) in zip(latency, layouts, strict=True):
+        assert re.search(rf"{key(stored, layout)}{NUMBER * 8}{MARK * 2}$", line), line
+    assert "messages: generated (the LongMemEval development split is not there)" in out
+    assert "stored vectors: MiniLM of each message's first 48 words (--cheap-vectors)" in out
+    assert "degraded answers 0" in out, out

@@ -36,12 +36,8 @@ from reservoir_middleware.memory._selection import (
     neighbour_ids,
     recent_window,
 )
-from reservoir_middleware.memory.tokens import (
-    REPLY_PRIMING,
-    ModelLimits,
-    count_message,
-    memoised_counter,
-)
+from reservoir_middleware.memory._token_memo import memoised_counter
+from reservoir_middleware.memory.tokens import REPLY_PRIMING, ModelLimits, count_message
 from reservoir_middleware.plugins import Hooks, PluginFailure
 from reservoir_middleware.records import MessageRecord, Scope, content_text
 from reservoir_middleware.settings import ReservoirSettings

@@ -22,6 +22,7 @@ import anyio.to_thread
 
 from reservoir_middleware.memory._lane import WriteJob
 from reservoir_middleware.memory._passages import passages_of
+from reservoir_middleware.memory._token_memo import precount_messages
 from reservoir_middleware.memory.embeddings import as_floats, cosine
 from reservoir_middleware.memory.validation import STORED_ROLES
 from reservoir_middleware.plugins import Hooks
@@ -153,6 +154,8 @@ class Writer:
                 record.synapse_prev = last.id
             next_seq, last, last_vector = next_seq + 1, record, vector
         await self._hand_over(scope, fresh, embeddings, embedded.passages_of(texts))
+        # their token counts now, not on the request that first injects them
+        await anyio.to_thread.run_sync(precount_messages, [r.to_message() for r in fresh])
 
     async def _hand_over(
         self,

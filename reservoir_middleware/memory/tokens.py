@@ -337,33 +337,3 @@ def warm_up_encodings() -> None:
     """Load the encoding most models use now (about 0.2 s), so their requests do not pay for it."""
     for name in WARM_UP_ENCODINGS:
         get_encoding(name)
-
-
-# -- a memo of plain messages' counts ---------------------------------------------------
-
-_TOKEN_MEMO: dict[tuple[Any, ...], int] = {}
-TOKEN_MEMO_MAX = 100_000  # plain messages whose count is kept (then it starts again)
-_PLAIN_KEYS = frozenset({"role", "content", "name"})
-
-
-def count_memoised(message: dict[str, Any], model: str | None) -> int:
-    """`count_message` with a memory: a plain text message (a stored one, a
-    note) is tokenised once in the process, however many requests bring it
-    back and however often truncation and the report ask (0.5 ms a request)."""
-    content, role, name = message.get("content"), message.get("role"), message.get("name")
-    # only str keys: a `name` (or role) that is an object would make the key unhashable
-    plain = isinstance(role, str) and (name is None or isinstance(name, str))
-    if not plain or not isinstance(content, str) or not message.keys() <= _PLAIN_KEYS:
-        return count_message(message, model)
-    key = (model, role, content, name)
-    tokens = _TOKEN_MEMO.get(key)
-    if tokens is None:
-        if len(_TOKEN_MEMO) >= TOKEN_MEMO_MAX:
-            _TOKEN_MEMO.clear()
-        tokens = _TOKEN_MEMO[key] = count_message(message, model)
-    return tokens
-
-
-def memoised_counter(model: str | None) -> functools.partial[int]:
-    """A `count_memoised` for one model: what a `TokenBudget` counts with."""
-    return functools.partial(count_memoised, model=model)
