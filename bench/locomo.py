@@ -62,7 +62,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -844,12 +844,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--conversations", help="comma separated file stems in --dataset, or JSON paths"
     )
-    parser.add_argument("--strategies", help="comma separated keys (see --list-strategies)")
     parser.add_argument(
         "--limit-questions",
         type=int,
         help="ask only the first N scored questions of each conversation",
     )
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both retrieval benchmarks take: strategies and the store."""
+    parser.add_argument("--strategies", help="comma separated keys (see --list-strategies)")
     parser.add_argument("--data-dir", type=Path, help="keep the filled store here and reuse it")
     parser.add_argument("--list-strategies", action="store_true")
     parser.add_argument(
@@ -860,7 +866,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=JSON",
         help='an extra strategy: settings over the defaults, e.g. c40={"semantic_candidates": 40}',
     )
-    return parser.parse_args(argv)
 
 
 async def run(args: argparse.Namespace, data_dir: Path) -> str:
@@ -975,15 +980,24 @@ async def run(args: argparse.Namespace, data_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    script = sys.argv[0] if argv is None and sys.argv[0] else "bench/locomo.py"
+    return bench_main(parse_args(argv), argv, run, "bench/locomo.py")
+
+
+def bench_main(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    run: Callable[[argparse.Namespace, Path], Awaitable[str]],
+    script: str,
+) -> int:
+    """List the strategies, or run the benchmark on code defaults and print its report."""
+    script = sys.argv[0] if argv is None and sys.argv[0] else script
     args.command = [script, *(sys.argv[1:] if argv is None else argv)]
     if args.list_strategies:
         for s in STRATEGIES:
             flag = " (comparison)" if s.comparison else ""
             print(f"{s.key:22} {s.label}{flag}: {s.note or s.settings}")
         return 0
-    with tempfile.TemporaryDirectory(prefix="rsv-locomo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="rsv-bench-") as tmp:
         isolate_environment(Path(tmp))
         data_dir = args.data_dir.expanduser() if args.data_dir else Path(tmp) / "data"
         report = asyncio.run(run(args, data_dir))

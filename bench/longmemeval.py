@@ -37,13 +37,11 @@ file are ignored, no entry-point plugins are loaded.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,10 +55,11 @@ from locomo import (
     DEFAULT_BUDGET,
     MODEL,
     NOTE_TOKENS,
-    STRATEGIES,
     Strategy,
+    add_common_arguments,
+    bench_main,
     build_reservoir,
-    isolate_environment,
+    candidate_depth,
     mean,
     pick_strategies,
     tried_strategies,
@@ -450,13 +449,6 @@ def missed_note(outcomes: list[Outcome], depth: int) -> str:
     )
 
 
-def candidate_depth(strategy: Strategy) -> int:
-    cfg = ReservoirSettings(**strategy.settings)
-    if cfg.fill_budget and cfg.context_token_budget is not None:
-        return max(cfg.semantic_context_size, cfg.semantic_candidates)
-    return cfg.semantic_context_size
-
-
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -464,17 +456,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", type=Path, default=DATASET_DIR, help="LongMemEval directory")
     parser.add_argument("--questions", help="comma separated question ids (file stems) or paths")
-    parser.add_argument("--strategies", help="comma separated keys (see --list-strategies)")
-    parser.add_argument("--data-dir", type=Path, help="keep the filled store here and reuse it")
-    parser.add_argument("--list-strategies", action="store_true")
-    parser.add_argument(
-        "--try",
-        dest="tries",
-        action="append",
-        default=[],
-        metavar="NAME=JSON",
-        help='an extra strategy: settings over the defaults, e.g. c40={"semantic_candidates": 40}',
-    )
+    add_common_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -547,20 +529,7 @@ async def run(args: argparse.Namespace, data_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    script = sys.argv[0] if argv is None and sys.argv[0] else "bench/longmemeval.py"
-    args.command = [script, *(sys.argv[1:] if argv is None else argv)]
-    if args.list_strategies:
-        for s in STRATEGIES:
-            flag = " (comparison)" if s.comparison else ""
-            print(f"{s.key:22} {s.label}{flag}: {s.note or s.settings}")
-        return 0
-    with tempfile.TemporaryDirectory(prefix="rsv-lme-") as tmp:
-        isolate_environment(Path(tmp))
-        data_dir = args.data_dir.expanduser() if args.data_dir else Path(tmp) / "data"
-        report = asyncio.run(run(args, data_dir))
-    print(report)
-    return 0
+    return bench_main(parse_args(argv), argv, run, "bench/longmemeval.py")
 
 
 if __name__ == "__main__":

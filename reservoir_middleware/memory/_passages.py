@@ -29,6 +29,10 @@ MAX_CHARS = 80_000  # of a text, what is tokenized to cut it (more than those pi
 _INSIDE_WORD, _WORD, _SENTENCE, _LINE, _PARAGRAPH = range(5)
 _SENTENCE_ENDS = frozenset(".!?;:…")
 
+# A message with passages has more chances to lie near any query: the best of
+# its vectors is biased upward. A passage's similarity counts this much lower.
+PASSAGE_DISCOUNT = 0.1
+
 
 def passages_of(embedder: Any, texts: Sequence[str]) -> list[list[str]]:
     """The passages of each text, for this embedder (none if it states no limit)."""

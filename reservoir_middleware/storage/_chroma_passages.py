@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from chromadb.errors import NotFoundError
 
+from reservoir_middleware.memory import _passages
 from reservoir_middleware.memory._passages import passages_of
 from reservoir_middleware.memory.embeddings import as_floats
 from reservoir_middleware.records import MessageRecord, Scope, embedding_text
@@ -67,7 +68,9 @@ def nearest(
     pcol = conn.passages(scope)
     if pcol is None:
         return found
-    return rows.best_of(found, rows.nearest_passages(pcol, embedding, limit), limit=limit)
+    return rows.best_of(
+        found, _discounted(rows.nearest_passages(pcol, embedding, limit)), limit=limit
+    )
 
 
 def query(
@@ -78,12 +81,16 @@ def query(
     pcol = conn.passages(scope)
     if pcol is None:
         return found
-    near = rows.nearest_passages(pcol, embedding, limit)
+    near = _discounted(rows.nearest_passages(pcol, embedding, limit))
     best = rows.best_of([(r.id, sim) for r, sim in found], near, limit=limit)
     records = {r.id: r for r, _ in found}
     missing = [i for i, _ in best if i not in records]
     records.update((r.id, r) for r in (rows.by_ids(col, missing) if missing else []))
     return [(records[i], sim) for i, sim in best if i in records]
+
+
+def _discounted(hits: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    return [(id_, sim - _passages.PASSAGE_DISCOUNT) for id_, sim in hits]
 
 
 def unmarked(metadata: dict[str, Any]) -> dict[str, Any]:

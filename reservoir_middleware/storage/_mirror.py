@@ -34,6 +34,7 @@ import numpy as np
 
 from reservoir_middleware import _gcfreeze as gcfreeze
 from reservoir_middleware._logs import log_failure
+from reservoir_middleware.memory import _passages
 from reservoir_middleware.records import MessageRecord
 
 FIELDS = tuple(f.name for f in fields(MessageRecord))
@@ -78,6 +79,7 @@ class _VectorIndex:
         self.ids: list[str] = []  # by label: the message (a passage's: its message)
         self.labels: dict[str, int] = {}
         self.passages: dict[str, list[int]] = {}  # a message's passages' labels
+        self.passage_labels: set[int] = set()
         self.passage_count = 0
         self._lock = threading.Lock()
 
@@ -103,6 +105,7 @@ class _VectorIndex:
             for owner in owners:
                 for label in self.passages.pop(owner, ()):
                     self._index.mark_deleted(label)
+                    self.passage_labels.discard(label)
                     self.passage_count -= 1
 
     def add_passages(self, owners: Sequence[str], vectors: Vectors, threads: int = 1) -> None:
@@ -117,6 +120,7 @@ class _VectorIndex:
                 self.ids.append(owner)
                 self.passages.setdefault(owner, []).append(label)
                 labels.append(label)
+            self.passage_labels.update(labels)
             self.passage_count += len(labels)
             self._insert(matrix, labels, threads)
 
@@ -148,15 +152,19 @@ class _VectorIndex:
                 return []
             query = np.asarray(vector, dtype=np.float32)
             want = min(limit + min(self.passage_count, 2 * limit), count)
+            discount = _passages.PASSAGE_DISCOUNT
             while True:
                 found = self._knn(index, query, want)
                 best: dict[str, float] = {}
                 for label, dist in found:
-                    best.setdefault(self.ids[label], 1.0 - dist)
+                    similarity = 1.0 - dist - (discount if label in self.passage_labels else 0.0)
+                    owner = self.ids[label]
+                    if similarity > best.get(owner, -2.0):
+                        best[owner] = similarity
                 if len(best) >= limit or len(found) < want or want >= count:
                     break
                 want = min(want * 2, count)
-        return list(best.items())[:limit]
+        return sorted(best.items(), key=lambda item: -item[1])[:limit]
 
     @staticmethod
     def _knn(index: Any, query: np.ndarray, k: int) -> list[tuple[int, float]]:

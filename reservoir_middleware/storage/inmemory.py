@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reservoir_middleware.hookspecs import hookimpl
+from reservoir_middleware.memory import _passages
 from reservoir_middleware.memory._passages import passages_of
 from reservoir_middleware.memory.embeddings import MiniLMEmbedding
 from reservoir_middleware.records import MessageRecord, Scope, embedding_text
@@ -168,7 +169,8 @@ class InMemoryStore:
         for i, (record, _) in enumerate(rows):
             more = passages.get(record.id)
             if more is not None:
-                sims[i] = max(sims[i], *_similarities([(record, v) for v in more], embedding))
+                near = _similarities([(record, v) for v in more], embedding)
+                sims[i] = max(sims[i], *(s - _passages.PASSAGE_DISCOUNT for s in near))
         best = sorted(range(len(rows)), key=lambda i: -sims[i])[:limit]
         return [(_copy(rows[i][0]), sims[i]) for i in best]
 
