@@ -655,7 +655,14 @@ def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -> str:
+def strategy_table(
+    results: dict[str, list[Any]],
+    strategies: list[Strategy],
+    columns: Sequence[tuple[str, Callable[[Any], float]]],
+    latency: str = "latency",
+) -> str:
+    """One row per strategy: its questions, the mean of each column over them
+    (a fraction), the mean injected tokens and the latency percentiles."""
     rows = []
     for s in strategies:
         out = results[s.key]
@@ -664,8 +671,7 @@ def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) ->
             [
                 s.label + (" (comparison)" if s.comparison else ""),
                 str(len(out)),
-                f"{mean([o.recall for o in out]):.3f}",
-                f"{mean([float(o.found == len(o.evidence_ids)) for o in out]):.3f}",
+                *(f"{mean([value(o) for o in out]):.3f}" for _, value in columns),
                 f"{mean([o.tokens for o in out]):.1f}",
                 f"{percentile(lat, 50):.1f}",
                 f"{percentile(lat, 99):.1f}",
@@ -674,13 +680,20 @@ def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) ->
     header = [
         "strategy",
         "questions",
-        "evidence recall",
-        "all-evidence hit rate",
+        *(name for name, _ in columns),
         "mean injected tokens",
-        "latency p50 ms",
-        "latency p99 ms",
+        f"{latency} p50 ms",
+        f"{latency} p99 ms",
     ]
-    return markdown_table(header, rows, "lrrrrrr")
+    return markdown_table(header, rows, "l" + "r" * (len(header) - 1))
+
+
+def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -> str:
+    columns: list[tuple[str, Callable[[Outcome], float]]] = [
+        ("evidence recall", lambda o: o.recall),
+        ("all-evidence hit rate", lambda o: float(o.found == len(o.evidence_ids))),
+    ]
+    return strategy_table(results, strategies, columns)
 
 
 def token_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -> str:

@@ -43,13 +43,13 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import anyio.to_thread
-from _harness import markdown_table, percentile
+from _harness import markdown_table
 from locomo import (
     BY_KEY,
     DEFAULT_BUDGET,
@@ -62,6 +62,7 @@ from locomo import (
     candidate_depth,
     mean,
     pick_strategies,
+    strategy_table,
     tried_strategies,
 )
 
@@ -344,31 +345,11 @@ async def candidate_ranks(data_dir: Path, outcomes: list[Outcome]) -> None:
 
 
 def main_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -> str:
-    rows = []
-    for s in strategies:
-        out = results[s.key]
-        lat = [o.latency_ms for o in out]
-        rows.append(
-            [
-                s.label + (" (comparison)" if s.comparison else ""),
-                str(len(out)),
-                f"{mean([o.recall for o in out]):.3f}",
-                f"{mean([o.session_recall for o in out]):.3f}",
-                f"{mean([o.tokens for o in out]):.1f}",
-                f"{percentile(lat, 50):.1f}",
-                f"{percentile(lat, 99):.1f}",
-            ]
-        )
-    header = [
-        "strategy",
-        "questions",
-        "turn recall",
-        "session recall",
-        "mean injected tokens",
-        "enrich p50 ms",
-        "enrich p99 ms",
+    columns: list[tuple[str, Callable[[Outcome], float]]] = [
+        ("turn recall", lambda o: o.recall),
+        ("session recall", lambda o: o.session_recall),
     ]
-    return markdown_table(header, rows, "lrrrrrr")
+    return strategy_table(results, strategies, columns, latency="enrich")
 
 
 def type_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -> str:
