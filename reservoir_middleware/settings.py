@@ -7,6 +7,7 @@ else `~/.config/reservoir/reservoir.toml`) > defaults.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -58,6 +59,23 @@ class ProviderSettings(BaseModel):
     api_key_env: str | None = None
 
 
+MemoryMode = Literal["on", "off", "read", "write"]
+"""What memory does for a request: `on` reads and stores, `read` injects but
+stores nothing, `write` stores but injects nothing, `off` neither (incognito)."""
+
+MEMORY_MODES: tuple[MemoryMode, ...] = ("on", "off", "read", "write")
+
+
+class PartitionPolicy(BaseModel):
+    """What the operator decides for the partitions a `[partitions."NAME"]` table
+    names (a name or an fnmatch pattern); unset fields follow the global setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory_mode: MemoryMode | None = None
+    retention_days: float | None = Field(default=None, ge=0)
+
+
 class ReservoirSettings(BaseSettings):
     """Every knob of reservoir-middleware; each is documented in the README."""
 
@@ -100,6 +118,16 @@ class ReservoirSettings(BaseSettings):
     synapse_neighbours: int = Field(default=2, ge=0, le=20)
     pair_answers: bool = True
     merge_system_messages: bool = False
+    # on: read and store; read: inject, store nothing; write: store, inject
+    # nothing; off: neither. A request's `X-Reservoir-Memory` header and a
+    # partition's policy can only narrow it (see `policy_for`).
+    memory_mode: MemoryMode = "on"
+    # Messages older than this many days are deleted (0: kept for ever).
+    retention_days: float = Field(default=0, ge=0)
+    # Per partition (a name or an fnmatch pattern): memory_mode, retention_days.
+    # Config file: `[partitions."team-a"]` then `retention_days = 30`;
+    # env: JSON, `RSV_PARTITIONS='{"guest-*": {"memory_mode": "off"}}'`.
+    partitions: dict[str, PartitionPolicy] = Field(default_factory=dict)
 
     # token budget
     context_token_budget: int | None = Field(default=2000, ge=0)
@@ -173,6 +201,22 @@ class ReservoirSettings(BaseSettings):
             table[key] = patterns
         return table
 
+    def policy_for(self, partition: str) -> PartitionPolicy:
+        """The policy in force for a partition, every field filled in: its own
+        table, else the most specific pattern that matches (the longest), else
+        the global settings, field by field."""
+        tables = [self.partitions[partition]] if partition in self.partitions else []
+        patterns = sorted(
+            (p for p in self.partitions if p != partition and fnmatch.fnmatchcase(partition, p)),
+            key=lambda p: (-len(p), p),
+        )
+        tables += [self.partitions[p] for p in patterns]
+        mode = next((t.memory_mode for t in tables if t.memory_mode is not None), self.memory_mode)
+        days = next(
+            (t.retention_days for t in tables if t.retention_days is not None), self.retention_days
+        )
+        return PartitionPolicy(memory_mode=mode, retention_days=days)
+
     @field_validator("embedding", mode="before")
     @classmethod
     def _embedding_spec(cls, value: Any) -> Any:
@@ -213,7 +257,7 @@ class _Replaced(PydanticBaseSettingsSource):
     code) replaced the table, so a revoked key would still open partitions.
     """
 
-    TABLES = ("partition_keys",)
+    TABLES = ("partition_keys", "partitions")
 
     def __init__(self, inner: PydanticBaseSettingsSource) -> None:
         super().__init__(inner.settings_cls)
