@@ -60,6 +60,7 @@ MODEL = "gpt-4o"
 COMPLETION_ID = "chatcmpl-soak"
 SCOPE_HEADER = "x-soak-scope"
 TAG = re.compile(r"\bS(\d\d\d)-\d+\b")
+MEMORY_LINE = re.compile(r"^(\[instance [^\]]*\] )?(user|assistant)( \([^)]*\))?: ")
 MAX_TURNS = 4
 
 SUBJECTS = [
@@ -100,10 +101,12 @@ def partition(scope: int) -> str:
 
 
 def model_app(delay: float = 0.0) -> Any:
-    """POST /v1/chat/completions: "Echo: <last user text>", as JSON or SSE, after
+    """POST /v1/chat/completions: "Echo: <last user text>" (its memory block left
+    out, as a model would not repeat it), as JSON or SSE, after
     `delay` seconds (0: at once).
 
-    The response header `x-soak-messages` says how many messages it was sent;
+    The response header `x-soak-messages` says how many messages it was sent,
+    `x-soak-memory` how many messages of memory they showed;
     `x-soak-leak` lists tags of scopes other than the request's own it saw.
     """
     from starlette.applications import Starlette
@@ -112,18 +115,25 @@ def model_app(delay: float = 0.0) -> Any:
     from starlette.routing import Route
 
     from reservoir_middleware.asgi._replies import chat_completion, completion_chunks, sse_events
+    from reservoir_middleware.context import without_memory
 
     async def chat(request: Request) -> Response:
         payload = json.loads(await request.body())
         messages = payload["messages"]
         own = request.headers.get(SCOPE_HEADER, "")
         seen = {m for msg in messages for m in TAG.findall(str(msg.get("content")))}
-        headers = {"x-soak-messages": str(len(messages))}
+        shown = sum(  # the lines of memory blocks: one per message shown
+            1
+            for msg in messages
+            for line in str(msg.get("content")).split("\n")
+            if MEMORY_LINE.match(line)
+        )
+        headers = {"x-soak-messages": str(len(messages)), "x-soak-memory": str(shown)}
         foreign = sorted(seen - {own})
         if foreign:
             headers["x-soak-leak"] = ",".join(foreign[:10])
         last = next(m for m in reversed(messages) if m.get("role") == "user")
-        content = f"Echo: {last['content']}"
+        content = f"Echo: {without_memory(str(last['content']))}"  # the question, not memory
         if delay:
             await asyncio.sleep(delay)
         if payload.get("stream"):
@@ -268,7 +278,7 @@ async def worker(
                 run.fail("status", f"{response.status_code} {response.text}")
             else:
                 degraded = response.headers.get("x-reservoir-status") == "degraded"
-                injected = int(response.headers.get("x-soak-messages", "0")) - len(history)
+                injected = int(response.headers.get("x-soak-memory", "0"))
                 done = True
                 if stream:
                     answer, done = stream_text(response.content)

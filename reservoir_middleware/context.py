@@ -7,6 +7,7 @@ own turns) that the truncation hook trims to the token budget.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,13 +19,12 @@ if TYPE_CHECKING:
 
 Section = Literal["semantic", "recent"]
 
-SEMANTIC_NOTE = (
-    "The following is the result of a semantic search of the most related messages "
-    "by cosine similarity to previous conversations"
-)
-RECENT_NOTE = (
-    "The following are the most recent messages in the conversation in chronological order"
-)
+# A memory block, as the model reads it: the text put before the user message
+# it was retrieved for (see `memory_block`).
+MEMORY_OPEN = "<memory>"
+MEMORY_CLOSE = "</memory>"
+SEMANTIC_NOTE = "Related messages from earlier conversations:"
+RECENT_NOTE = "The latest messages before this conversation:"
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,13 @@ class MemoryUnit:
 
 @dataclass
 class ContextPlan:
-    """The request as it will be sent, in parts, before rendering."""
+    """The request as it will be sent, in parts, before rendering.
+
+    `conversation` is the client's messages after its leading system ones,
+    each user message already carrying the memory block it got on an earlier
+    turn (kept byte for byte: the provider's prompt cache holds). The memory of
+    this turn, `semantic` then `recent`, goes into the last user message.
+    """
 
     system: list[dict[str, Any]]
     semantic: list[MemoryUnit]
@@ -110,57 +116,128 @@ class ContextPlan:
     merge_system: bool = False
     instance: str | None = None
     """The request's instance: memory of another one (`semantic_scope="partition"`)
-    is rendered as quoted text (`memory_message`), never as its turns."""
+    is quoted with its origin (`memory_line`), never as its own turns."""
 
     def render(self) -> list[dict[str, Any]]:
-        """The messages list: system, notes and memory, then the client's turns."""
-        memory: list[tuple[str, list[dict[str, Any]]]] = []
-        semantic = [r for unit in chronological(self.semantic) for r in unit.records]
-        if semantic:
-            memory.append((SEMANTIC_NOTE, [self.memory_message(r) for r in semantic]))
-        if self.recent:
-            memory.append((RECENT_NOTE, [self.memory_message(r) for r in self.recent]))
-        if not self.merge_system:
-            out = list(self.system)
-            for note, messages in memory:
-                out.append({"role": "system", "content": note})
-                out.extend(messages)
-            return out + list(self.conversation)
-        return merged_system(self.system, memory) + list(self.conversation)
+        """The messages list: system, then the client's turns, the last user
+        message with this turn's memory block in front of its text."""
+        system = merged_system(self.system) if self.merge_system else list(self.system)
+        block = self.block()
+        return system + with_block(self.conversation, block)
 
-    def memory_message(self, record: MessageRecord) -> dict[str, Any]:
-        """A stored message as injected. Another instance's message is what
-        another client said, or claimed the model said: it becomes a `user`
-        message quoting it with its origin, so no client can put words in the
-        mouth of the model (or of a tool) in a conversation not its own."""
-        if self.instance is None or record.instance == self.instance:
-            return record.to_message()
-        said = record.to_message()
-        who = record.role + (f" {said['name']}" if said.get("name") else "")
-        return {"role": "user", "content": f"[instance {record.instance}, {who}] {said['content']}"}
+    def block(self) -> str:
+        semantic = [r for unit in chronological(self.semantic) for r in unit.records]
+        return memory_block(semantic, self.recent, self.instance)
+
+    def memory_line(self, record: MessageRecord) -> str:
+        return memory_line(record, self.instance)
+
+
+def memory_line(record: MessageRecord, instance: str | None) -> str:
+    """A stored message as one line of a memory block: `role: text`."""
+    who, content = line_parts(record, instance)
+    return who + content
+
+
+def line_parts(record: MessageRecord, instance: str | None) -> tuple[str, str]:
+    """A memory line's speaker (`"user: "`) and text. Another instance's message
+    is what another client said, or claimed the model said: it is quoted with
+    its origin, so no client can put words in the mouth of the model (or of a
+    tool) in a conversation not its own."""
+    said = record.to_message()
+    role = said["role"]
+    if instance is not None and record.instance != instance:
+        role = f"[instance {record.instance}] {record.role}"
+    who = role + (f" ({said['name']})" if said.get("name") else "")
+    return f"{who}: ", said["content"]
+
+
+def line_tokens(record: MessageRecord, instance: str | None, budget: TokenBudget) -> int:
+    """What a record's line costs in a block (its text's count is memoised)."""
+    who, content = line_parts(record, instance)
+    return budget.text_tokens(who) + budget.text_tokens(content) + 1
+
+
+def memory_day(record: MessageRecord) -> str:
+    """The date a message was said, as the block shows it (UTC: the same on every replica)."""
+    return time.strftime("[%Y-%m-%d]", time.gmtime(record.timestamp))
+
+
+def memory_block(
+    semantic: list[MessageRecord], recent: list[MessageRecord], instance: str | None
+) -> str:
+    """The text of a memory block: each section's messages oldest first, a date
+    line each time the date changes. Empty when there is nothing to show."""
+    if not semantic and not recent:
+        return ""
+    lines = [MEMORY_OPEN]
+    for note, records in ((SEMANTIC_NOTE, semantic), (RECENT_NOTE, recent)):
+        if not records:
+            continue
+        lines.append(note)
+        day = ""
+        for record in records:
+            if memory_day(record) != day:
+                day = memory_day(record)
+                lines.append(day)
+            lines.append(memory_line(record, instance))
+    lines.append(MEMORY_CLOSE)
+    return "\n".join(lines)
+
+
+def with_block(conversation: list[dict[str, Any]], block: str) -> list[dict[str, Any]]:
+    """The conversation with `block` in front of the last user message's text
+    (a message of its own first when there is no user message)."""
+    out = list(conversation)
+    if not block:
+        return out
+    for index in range(len(out) - 1, -1, -1):
+        if out[index].get("role") == "user":
+            attach(out, index, block)
+            return out
+    out.insert(0, {"role": "user", "content": block})
+    return out
+
+
+def attach(messages: list[dict[str, Any]], index: int, block: str) -> None:
+    """Put a block in front of the text of `messages[index]`, in place; a content
+    of no known shape stays the provider's to judge: the block goes just before it."""
+    if isinstance(messages[index].get("content"), str | list):
+        messages[index] = prefixed(messages[index], block)
+    else:
+        messages.insert(index, {"role": "user", "content": block})
+
+
+def prefixed(message: dict[str, Any], block: str) -> dict[str, Any]:
+    """A user message with a memory block before its text (a text part before
+    its parts when its content is a list of parts)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return {**message, "content": [{"type": "text", "text": block}, *content]}
+    text = content if isinstance(content, str) else ""
+    return {**message, "content": f"{block}\n\n{text}" if text else block}
+
+
+def without_memory(text: str) -> str:
+    """A user message's own text, without the memory block in front of it (for
+    an app behind the middleware that wants the user's words alone)."""
+    if text.startswith(MEMORY_OPEN):
+        end = text.find(MEMORY_CLOSE + "\n\n")
+        if end >= 0:
+            return text[end + len(MEMORY_CLOSE) + 2 :]
+        if text.endswith(MEMORY_CLOSE):
+            return ""
+    return text
 
 
 def chronological(units: list[MemoryUnit]) -> list[MemoryUnit]:
     return sorted(units, key=lambda u: (u.records[0].timestamp, u.records[0].seq))
 
 
-def merged_system(
-    system: list[dict[str, Any]], memory: list[tuple[str, list[dict[str, Any]]]]
-) -> list[dict[str, Any]]:
+def merged_system(system: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One leading system message, for providers that accept only one."""
-    parts = [content_text(m.get("content")) for m in system]
-    for note, messages in memory:
-        lines = [
-            f"{m['role']} ({m['name']}): {m['content']}"
-            if m.get("name")
-            else f"{m['role']}: {m['content']}"
-            for m in messages
-        ]
-        parts.append(note + ":\n" + "\n".join(lines))
-    parts = [p for p in parts if p]
-    if not parts:
-        return []
-    return [{"role": "system", "content": "\n\n".join(parts)}]
+    parts = [p for p in (content_text(m.get("content")) for m in system) if p]
+    return [{"role": "system", "content": "\n\n".join(parts)}] if parts else []
 
 
 @dataclass(frozen=True)
@@ -178,6 +255,18 @@ class TokenBudget:
     long_message: int = 0
     """Tokens over which the rest of a hit's unit (its answer or question, its
     neighbours) waits until every hit that fits is in (0: it never waits)."""
+    count_text: Callable[[str], int] | None = None
+    """Tokens of a text on its own (a memory line); None: from `count_message`."""
+
+    def text_tokens(self, text: str) -> int:
+        if self.count_text is not None:
+            return self.count_text(text)
+        empty = self.count_message({"role": "user", "content": ""})
+        return self.count_message({"role": "user", "content": text}) - empty
+
+    def block_tokens(self, block: str) -> int:
+        """What a memory block adds to the message it goes into."""
+        return self.text_tokens(block + "\n\n") if block else 0
 
 
 @dataclass

@@ -64,6 +64,9 @@ class MessageRecord:
     after_id: str | None = None  # the next one, when written in the same batch (its answer)
     synapse_prev: str | None = None  # before_id, when the two are similar enough to link
     choices: int | None = None
+    # A user message's memory block: the ids of the messages injected with it
+    # when it was the newest (`memory._blocks`), shown with it on later turns.
+    memory: str | None = None
 
     def __post_init__(self) -> None:
         """Every record is made here, so every string is cleaned here (`clean_text`):

@@ -11,9 +11,10 @@ import pytest
 from openai import AsyncOpenAI
 
 from reservoir_middleware import hookimpl
-from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE, Candidate, RetrievalQuery
-from reservoir_middleware.memory.tokens import count_message, count_messages
+from reservoir_middleware.context import Candidate, RetrievalQuery
+from reservoir_middleware.memory.tokens import count_messages, count_text
 from reservoir_middleware.store import MemoryStore
+from tests.blocks import block_of, memory_of, own_text, sections, texts
 from tests.conftest import Gateway, GatewayFactory, make_settings
 
 TINY = {"tiny": 1000}  # window 1000, reserve min(1024, 1000 // 4) = 250 -> 750 prompt tokens
@@ -87,7 +88,7 @@ async def test_truncation_keeps_system_and_last_message_under_a_small_limit(
         assert sent[0] == system and sent[-1] == last
         assert count_messages(sent, "tiny") <= 750
         # the client's own turns were needed, so every memory message went first
-        assert all(m["content"] not in (SEMANTIC_NOTE, RECENT_NOTE) for m in sent)
+        assert not any(block_of(m) for m in sent)
         kept = sent[1:-1]
         assert kept and kept == turns[-len(kept) :]  # the newest turns survive
 
@@ -96,13 +97,13 @@ async def test_truncation_keeps_system_and_last_message_under_a_small_limit(
         response = await gw.chat([system, last], model="tiny")
         sent = gw.upstream.received[-1].messages
         assert count_messages(sent, "tiny") <= 750
-        assert sent[0] == system and sent[-1] == last
-        contents = [m["content"] for m in sent]
-        assert RECENT_NOTE in contents
-        recent = contents[contents.index(RECENT_NOTE) + 1 : -1]
+        assert len(sent) == 2 and sent[0] == system and own_text(sent[-1]) == last["content"]
+        shown = sections(sent[-1])
+        recent = texts(shown["recent"])
+        assert recent
         window = [text for text in before if text != last["content"]]
         assert recent == window[-len(recent) :]  # oldest recent messages dropped first
-        if SEMANTIC_NOTE in contents:  # semantic memory only survives if the window is whole
+        if shown["semantic"]:  # semantic memory only survives if the window is whole
             assert recent == window
 
 
@@ -118,13 +119,12 @@ async def test_context_token_budget_caps_injected_memory(tmp_path: Path) -> None
         {"model": "gpt-4o", "messages": [{"role": "user", "content": "fox?"}]},
         store=False,
     )
-    notes = sum(1 for m in result.body["messages"] if m["content"] in (SEMANTIC_NOTE, RECENT_NOTE))
     assert result.semantic.tokens + result.recent.tokens > 0
-    memory = result.body["messages"][:-1]  # notes and memory, everything but the question
-    assert sum(count_message(m, "gpt-4o") for m in memory) <= 120  # the budget, notes included
-    assert len(result.body["messages"]) - 1 - notes == len(result.semantic.messages) + len(
-        result.recent.messages
-    )
+    [question] = result.body["messages"]
+    block = block_of(question)
+    assert count_text(block + "\n\n", "gpt-4o") == result.memory_tokens
+    assert result.memory_tokens <= 120  # the budget, frame, notes and dates included
+    assert len(memory_of([question])) == len(result.semantic.messages) + len(result.recent.messages)
 
 
 async def test_merge_into_one_system_message(gateway_factory: GatewayFactory) -> None:
@@ -138,9 +138,8 @@ async def test_merge_into_one_system_message(gateway_factory: GatewayFactory) ->
         )
         sent = gw.upstream.received[-1].messages
         assert [m["role"] for m in sent] == ["system", "user"]
-        assert sent[0]["content"].startswith("Be brief.")
-        assert RECENT_NOTE in sent[0]["content"]
-        assert "user: I live in a lighthouse." in sent[0]["content"]
+        assert sent[0]["content"] == "Be brief."  # memory never speaks as the system
+        assert "user: I live in a lighthouse." in sections(sent[1])["recent"]
 
 
 @pytest.mark.parametrize(

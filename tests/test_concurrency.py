@@ -24,6 +24,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from reservoir_middleware.context import without_memory
 from tests.conftest import GatewayFactory
 
 PARTITIONS = 12
@@ -168,7 +169,7 @@ async def test_hundreds_of_conversations_stay_in_their_scopes(
             assert found, request.text
             foreign = {f"{t}C{c}T{n}" for t, c, n in found if t != tag}
             assert not foreign, f"a request of {tag} was sent {sorted(foreign)}"
-            last = TAG.search(request.messages[-1]["content"])
+            last = TAG.search(without_memory(request.messages[-1]["content"]))
             assert last is not None and last.group(1) == tag
             number, turn = int(last.group(2)), int(last.group(3))
             others = {(int(c), int(n)) for _, c, n in found} - {(number, turn)}

@@ -18,11 +18,10 @@ from typing import Any
 from openai import AsyncOpenAI
 
 from reservoir_middleware.asgi._replies import completion_chunk, sse_events
-from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE
+from tests.blocks import as_messages, memory_of, unblocked
 from tests.conftest import Gateway, GatewayFactory
 from tests.upstream import Reply
 
-NOTES = {SEMANTIC_NOTE, RECENT_NOTE}
 OPENAI_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
@@ -32,18 +31,11 @@ def blob(size: int) -> str:
 
 
 def injected(forwarded: list[dict[str, Any]], sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The memory messages of a forwarded request: after a memory note, before the
-    client's own messages `sent` (which end the request, untouched)."""
+    """The memory messages of a forwarded request (the lines of its memory block),
+    which ends with the client's own messages `sent`, untouched but for the block."""
     own = [m for m in sent if m.get("role") != "system"]
-    assert forwarded[len(forwarded) - len(own) :] == own
-    out: list[dict[str, Any]] = []
-    inside = False
-    for message in forwarded[: len(forwarded) - len(own)]:
-        if message.get("role") == "system" and message.get("content") in NOTES:
-            inside = True
-        elif inside and message.get("role") != "system":
-            out.append(message)
-    return out
+    assert [unblocked(m) for m in forwarded[len(forwarded) - len(own) :]] == own
+    return as_messages(memory_of(forwarded))
 
 
 def assert_valid_for_openai(messages: list[dict[str, Any]]) -> None:
@@ -142,7 +134,7 @@ async def test_image_is_forwarded_untouched_but_memory_keeps_only_the_text(
     }
     gateway.upstream.replies.append(Reply(content="He seems to love the sea."))
     await post(gateway, [second])
-    assert gateway.upstream.received[-1].messages[-1] == second
+    assert unblocked(gateway.upstream.received[-1].messages[-1]) == second
 
     stored = await gateway.stored()
     texts = [(r.role, r.text) for r in stored]
@@ -301,7 +293,7 @@ async def test_stored_tool_calls_are_recalled_while_the_request_has_its_own(
     assert '[called tools] get_weather({"city": "Paris"})' in memory  # the call with its result
 
 
-async def test_injected_tool_traffic_is_valid_in_the_merged_system_message(
+async def test_injected_tool_traffic_is_valid_with_merged_system_messages(
     gateway_factory: GatewayFactory,
 ) -> None:
     async with gateway_factory(merge_system_messages=True) as gateway:
@@ -315,9 +307,10 @@ async def test_injected_tool_traffic_is_valid_in_the_merged_system_message(
         await post(gateway, [{"role": "user", "content": "And tomorrow in Lyon?"}])
         sent = gateway.upstream.received[-1].messages
         assert_valid_for_openai(sent)
-        assert [m["role"] for m in sent] == ["system", "user"]
-        assert '[called tools] get_weather({"city": "Lyon"})' in sent[0]["content"]
-        assert "[tool result] 18°C" in sent[0]["content"]
+        assert [m["role"] for m in sent] == ["user"]  # no system message of memory's own
+        shown = "\n".join(memory_of(sent))
+        assert '[called tools] get_weather({"city": "Lyon"})' in shown
+        assert "[tool result] 18°C" in shown
 
 
 def refusal_stream(text: str) -> list[bytes]:
@@ -363,7 +356,7 @@ async def test_refusals_are_stored_and_injected_as_text(gateway: Gateway) -> Non
         {"role": "user", "content": "Ok, thanks."},
     ]
     await post(gateway, history)
-    assert gateway.upstream.received[-1].messages[-3:] == history
+    assert [unblocked(m) for m in gateway.upstream.received[-1].messages[-3:]] == history
     stored = await gateway.stored()
     assert [(r.role, r.text) for r in stored][2:] == [
         ("user", "Can you write my neighbour an angry letter?"),
@@ -433,14 +426,18 @@ async def test_names_are_kept_and_injected(gateway: Gateway) -> None:
     } in memory
     # a name another provider allowed is injected in the form OpenAI accepts
     assert {"role": "user", "name": "Ana_Lima", "content": "I will bring the lemonade."} in memory
-    assert later[-1] == {"role": "user", "name": "carol", "content": "Who brings the cake?"}
+    assert unblocked(later[-1]) == {
+        "role": "user",
+        "name": "carol",
+        "content": "Who brings the cake?",
+    }
 
 
-async def test_names_in_the_merged_system_message(gateway_factory: GatewayFactory) -> None:
+async def test_names_with_merged_system_messages(gateway_factory: GatewayFactory) -> None:
     async with gateway_factory(merge_system_messages=True) as gateway:
         await post(gateway, [{"role": "user", "name": "bob", "content": "I bring the cake."}])
         await post(gateway, [{"role": "user", "name": "carol", "content": "Who brings cake?"}])
         sent = gateway.upstream.received[-1].messages
-        assert [m["role"] for m in sent] == ["system", "user"]
-        assert "user (bob): I bring the cake." in sent[0]["content"]
-        assert "assistant: Echo: I bring the cake." in sent[0]["content"]
+        assert [m["role"] for m in sent] == ["user"]
+        assert "user (bob): I bring the cake." in memory_of(sent)
+        assert "assistant: Echo: I bring the cake." in memory_of(sent)

@@ -17,16 +17,20 @@ from reservoir_middleware import MessageRecord, Reservoir, Scope
 from reservoir_middleware.builtins.lexical import Bm25Index, LexicalRetrieval
 from reservoir_middleware.builtins.truncation import fill_budget
 from reservoir_middleware.context import (
+    MEMORY_CLOSE,
+    MEMORY_OPEN,
     RECENT_NOTE,
     SEMANTIC_NOTE,
     Candidate,
     ContextPlan,
     MemoryUnit,
     TokenBudget,
+    memory_day,
 )
 from reservoir_middleware.memory._selection import RRF_K, fuse
 from reservoir_middleware.memory.keywords import stem, terms
-from reservoir_middleware.memory.tokens import count_message
+from reservoir_middleware.memory.tokens import count_message, count_text
+from tests.blocks import memory_of
 from tests.conftest import make_settings
 
 # Everyday messages, and one whose only link to the question is a rare word.
@@ -158,7 +162,7 @@ async def test_lexical_finds_a_rare_word_the_dense_model_misses(filled: Path) ->
     found = await hybrid.enrich("p", "i", chat(RARE_QUESTION), store=False)
     hit = next(m for m in found.semantic.messages if m.text == RARE)
     assert hit.similarity is None  # proposed by BM25 alone
-    assert {"role": "user", "content": RARE} in found.body["messages"]
+    assert f"user: {RARE}" in memory_of(found.body["messages"])
 
 
 async def test_a_message_both_retrievers_rank_comes_first(filled: Path) -> None:
@@ -415,10 +419,16 @@ async def test_answers_come_with_the_best_hits_and_give_way_under_a_tight_budget
     assert [m.role for m in report[:4]] == ["user", "assistant", "user", "assistant"]
     assert len(report) > 4 and {m.role for m in report[4:]} == {"user"}
 
-    q = count_message({"role": "user", "content": exchanges[0]["content"]}, "gpt-4o")
-    a = count_message({"role": "assistant", "content": exchanges[1]["content"]}, "gpt-4o")
-    note = count_message({"role": "system", "content": SEMANTIC_NOTE}, "gpt-4o")
-    budget = note + q + a + q + min(q, a) - 1  # the best unit, one more hit, not its answer
+    def line(role: str, text: str) -> int:  # one line of the block
+        return count_text(f"{role}: ", "gpt-4o") + count_text(text, "gpt-4o") + 1
+
+    q = line("user", exchanges[0]["content"])
+    a = line("assistant", exchanges[1]["content"])
+    frame = count_text(MEMORY_OPEN, "gpt-4o") + count_text(MEMORY_CLOSE, "gpt-4o") + 3
+    note = count_text(SEMANTIC_NOTE, "gpt-4o") + 1
+    day = count_text(memory_day(MessageRecord("x", "p", "i", "user", "")), "gpt-4o") + 1
+    # the best unit, one more hit, not its answer
+    budget = frame + note + day + q + a + q + min(q, a) - 1
     tight = Reservoir(make_settings(tmp_path, **alone, context_token_budget=budget))
     squeezed = await tight.enrich("p", "i", question, store=False)
     kept = squeezed.semantic.messages
@@ -438,7 +448,7 @@ def _unit(name: str, score: float, *extras: str) -> MemoryUnit:
 
 
 def _budget(limit: int, share: float = 0.25) -> TokenBudget:
-    def tokens(message: dict[str, Any]) -> int:  # notes are free, a message costs 5 + words
+    def tokens(message: dict[str, Any]) -> int:  # a message costs 5 + words: a text, its words
         return 0 if message["role"] == "system" else 5 + len(str(message["content"]).split())
 
     return TokenBudget(
@@ -460,11 +470,11 @@ def _recent(*texts: str) -> list[MessageRecord]:
 
 def test_fill_order_recent_share_then_hits_and_answers_by_rank_then_older_recent() -> None:
     units = [
-        _unit("h1 one", 0.9, "a1 one two"),  # a hit (7 tokens) and its answer (8)
-        _unit("h2 one two", 0.8, "a2 one two three"),  # 8 and 9
-        _unit("h3 one", 0.7),  # 7, a hit beyond the paired ones: alone
+        _unit("h1 one", 0.9, "a1 one two"),  # a hit's line ("user: h1 one", 4) and its answer (5)
+        _unit("h2 one two", 0.8, "a2 one two three"),  # 5 and 6
+        _unit("h3 one", 0.7),  # 4, a hit beyond the paired ones: alone
     ]
-    recent = _recent("r1 x x x", "r2 x x", "r3 x")  # oldest first: 9, 8, 7
+    recent = _recent("r1 x x x", "r2 x x", "r3 x")  # oldest first: 6, 5, 4
     plan = ContextPlan([], units, recent, [{"role": "user", "content": "q"}])
 
     def kept(limit: int, share: float = 0.25) -> tuple[list[str], list[str]]:
@@ -472,15 +482,17 @@ def test_fill_order_recent_share_then_hits_and_answers_by_rank_then_older_recent
         return [r.id for u in out.semantic for r in u.records], [r.id for r in out.recent]
 
     everything = ["h1 one", "a1 one two", "h2 one two", "a2 one two three", "h3 one"]
-    # 60: recent up to 15 (r3, r2), every unit (39), not r1 (9 more)
+    # 60: the share (15) holds not even r3 (frame 5 + 13); every unit (32); then r3, r2; not r1
     assert kept(60) == (everything, ["r2 x x", "r3 x"])
     # 70: r1 gets the room semantic memory left
     assert kept(70) == (everything, ["r1 x x x", "r2 x x", "r3 x"])
-    # 37: r3 (up to 9), h1 + a1, h2, then a2 (9) does not fit but h3 (7) does: a lower
-    # unit's answer gives way first, and a part that does not fit does not stop the fill
-    assert kept(37) == (["h1 one", "a1 one two", "h2 one two", "h3 one"], ["r3 x"])
+    # 45 at share 0.5: r3 (its line 4, the note 7, a date line 2, after the frame 5),
+    # h1 + a1, h2 (the note 6 and a date 2 with h1), then a2 (6) does not fit but h3
+    # (4) does: a lower unit's answer gives way first, and a part that does not fit
+    # does not stop the fill
+    assert kept(45, 0.5) == (["h1 one", "a1 one two", "h2 one two", "h3 one"], ["r3 x"])
     # share 1.0: the old order, the recent window first
-    assert kept(24, share=1.0) == ([], ["r1 x x x", "r2 x x", "r3 x"])
+    assert kept(29, share=1.0) == ([], ["r1 x x x", "r2 x x", "r3 x"])
     # share 0: memory first, the recent window only gets what is left
     assert kept(45, share=0.0) == (everything, [])
 

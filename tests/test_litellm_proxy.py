@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import secrets
@@ -31,6 +32,7 @@ import pytest
 from openai import APIStatusError, AsyncOpenAI, OpenAI
 
 from reservoir_middleware.asgi._replies import completion_chunk, sse_events
+from tests.blocks import block_of, unblocked
 from tests.conftest import free_port
 from tests.servers import serve_in_thread
 from tests.upstream import Reply, Upstream
@@ -195,13 +197,30 @@ async def test_memory_is_recalled_and_isolated(proxy: Proxy) -> None:
     received = proxy.upstream.received[-1]
     assert "My cat is named Turnip." in received.text
     assert "Echo: My cat is named Turnip." in received.text
-    assert received.messages[-1] == {"role": "user", "content": "What is my cat called?"}
+    assert unblocked(received.messages[-1]) == {"role": "user", "content": "What is my cat called?"}
     # LiteLLM calls the model with its own key: the master key stays in the proxy
     assert received.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
 
     for partition, instance in [("acme", "bob"), ("other", "alice")]:
         await proxy.ask(partition, instance, "What is my cat called?")
         assert "Turnip" not in proxy.upstream.received[-1].text
+
+
+async def test_each_request_starts_with_the_previous_one_through_the_proxy(proxy: Proxy) -> None:
+    """The provider's prompt cache: a client re-sending its history sends, through
+    LiteLLM, what it sent before plus the new turns; memory stays in place."""
+    await proxy.ask("cache", "dora", "My brother Theo repairs old Vespas in Turin.")
+    history: list[dict[str, Any]] = [{"role": "system", "content": "Be brief."}]
+    start = len(proxy.upstream.received)
+    async with proxy.client("cache", "dora") as ai:
+        for text in ("What does my brother do?", "Where is his workshop?", "Thanks!"):
+            history.append({"role": "user", "content": text})
+            reply = await ai.chat.completions.create(model="gpt-4o", messages=history)  # type: ignore[arg-type]
+            history.append({"role": "assistant", "content": reply.choices[0].message.content})
+    sent = [r.messages for r in proxy.upstream.received[start:]]
+    assert "Theo repairs old Vespas" in block_of(sent[0][-1])  # memory, on the first turn
+    for before, after in itertools.pairwise(sent):
+        assert after[: len(before)] == before  # the whole previous request, byte for byte
 
 
 async def test_streamed_answer_is_recorded(proxy: Proxy) -> None:

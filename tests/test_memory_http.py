@@ -11,7 +11,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionToolParam
 
 from reservoir_middleware.asgi._replies import completion_chunk
-from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE
+from tests.blocks import sections, unblocked
 from tests.conftest import Gateway, GatewayFactory
 from tests.upstream import Reply, sse
 
@@ -56,14 +56,12 @@ async def test_openai_client_memory_recalled_without_history(
         model="gpt-4o", messages=[{"role": "user", "content": "What is the name of my dog?"}]
     )
     sent = gateway.upstream.received[-1].messages
-    notes = [m["content"] for m in sent if m["role"] == "system"]
-    assert SEMANTIC_NOTE in notes and RECENT_NOTE in notes
-    semantic = sent[sent.index({"role": "system", "content": SEMANTIC_NOTE}) + 1 :]
-    semantic = semantic[: semantic.index({"role": "system", "content": RECENT_NOTE})]
-    assert {"role": "user", "content": DOG} in semantic
+    shown = sections(sent[-1])
+    assert shown["semantic"] and shown["recent"]
+    assert f"user: {DOG}" in shown["semantic"]
     # the answer to the recalled message comes with it
-    assert {"role": "assistant", "content": f"Echo: {DOG}"} in semantic
-    assert sent[-1] == {"role": "user", "content": "What is the name of my dog?"}
+    assert f"assistant: Echo: {DOG}" in shown["semantic"]
+    assert unblocked(sent[-1]) == {"role": "user", "content": "What is the name of my dog?"}
 
 
 async def test_streamed_answer_recorded_and_recalled(gateway: Gateway, ai: AsyncOpenAI) -> None:

@@ -11,8 +11,10 @@ import httpx
 import pytest
 
 from reservoir_middleware import Reservoir, ReservoirMiddleware, ReservoirSettings, hookimpl
-from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE, RetrievalQuery
+from reservoir_middleware.context import RetrievalQuery
 from reservoir_middleware.store import MemoryStore
+from tests.blocks import block_of, memory_of
+from tests.blocks import texts as line_texts
 from tests.conftest import GatewayFactory, serve
 from tests.upstream import Upstream
 
@@ -53,9 +55,9 @@ async def test_added_twice_it_enriches_and_stores_once(
         assert len(second.headers.get_list("x-reservoir-trace-id")) == 1
     assert retrievals.count == 2  # one per request, not one per copy
     sent = upstream.received[-1].messages
-    contents = [str(m.get("content")) for m in sent]
-    assert contents.count(FACT) == 1, contents  # recalled, once
-    assert sum(c in (SEMANTIC_NOTE, RECENT_NOTE) for c in contents) <= 2
+    shown = line_texts(memory_of(sent))
+    assert shown.count(FACT) == 1, shown  # recalled, once
+    assert sum(bool(block_of(m)) for m in sent) == 1  # one block, not one per copy
     # stored once each: the question, the fact and the two answers
     reader = Reservoir(ReservoirSettings(data_dir=tmp_path / "memory", chroma_process="inline"))
     texts = [r.text for r in await reader.recent("p", "i", limit=50)]

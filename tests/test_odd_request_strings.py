@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from reservoir_middleware.context import RECENT_NOTE
 from reservoir_middleware.memory.tokens import count_messages
+from tests.blocks import sections
 from tests.conftest import Gateway, GatewayFactory
 from tests.test_budget_and_faults import TINY, long_history, remember
 from tests.upstream import Reply
@@ -48,7 +48,7 @@ async def test_a_lone_surrogate_in_the_last_user_message(gateway_factory: Gatewa
         again = {"role": "user", "content": "And the fox \udfff today?"}
         response = await post_raw(gw, {"model": "tiny", "messages": [again]})
         assert response.headers.get(STATUS) != "degraded"
-        assert RECENT_NOTE in [m["content"] for m in gw.upstream.received[-1].messages]
+        assert sections(gw.upstream.received[-1].messages[-1])["recent"]
         assert gw.reservoir.dead_letters.count() == 0
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from openai import AsyncOpenAI
 
-from reservoir_middleware.context import RECENT_NOTE, SEMANTIC_NOTE
 from reservoir_middleware.memory.tokens import count_message, count_messages
+from tests.blocks import memory_of, unblocked
 from tests.conftest import GatewayFactory
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the old mill by the river. "
@@ -44,8 +44,7 @@ async def test_large_max_tokens_and_unknown_models_reach_the_model(
                 sent = gw.upstream.received[-1].json
                 assert (sent["model"], sent["max_tokens"]) == (model, max_tokens)
                 # memory still fits beside the (capped) reserve, so it is injected
-                notes = {m["content"] for m in sent["messages"] if m["role"] == "system"}
-                assert notes & {SEMANTIC_NOTE, RECENT_NOTE}, model
+                assert memory_of(sent["messages"]), model
             # an unknown window: never refused, even far over the default window
             huge = SENTENCE * 2000  # about 34 000 tokens, over 8192
             reply = await ai.chat.completions.create(
@@ -69,7 +68,7 @@ async def test_a_known_window_trims_memory_to_what_fits_beside_a_capped_reserve(
         assert TOO_LONG not in response.text
         sent = gw.upstream.received[-1]
         assert sent.json["max_tokens"] == 5000
-        assert sent.messages[-1] == question and len(sent.messages) > 1
+        assert unblocked(sent.messages[-1]) == question and memory_of(sent.messages)
         assert count_messages(sent.messages, "tiny") <= 500
         # a last message over what memory may use, yet within the window: sent alone
         long_question = {"role": "user", "content": SENTENCE * 35}

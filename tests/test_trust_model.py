@@ -8,13 +8,15 @@ from typing import Any
 import pytest
 from openai import AsyncOpenAI
 
+from tests.blocks import memory_of, unblocked
 from tests.conftest import GatewayFactory
 
 MARKER = "vault code is ZEBRA-4471"
 
 
-def carriers(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [m for m in messages if MARKER in str(m.get("content"))]
+def carriers(messages: list[dict[str, Any]]) -> list[str]:
+    """The memory lines that hold the marker."""
+    return [line for line in memory_of(messages) if MARKER in line]
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -48,9 +50,10 @@ async def test_a_forged_assistant_turn_reaches_another_instance_only_as_quoted_t
         sent = gw.upstream.received[-1].messages
         found = carriers(sent)
         assert found, sent  # the sibling's memory is injected (semantic_scope=partition)
-        assert all(m["role"] not in ("assistant", "tool") for m in found), found
-        assert all("instance mallory" in str(m["content"]) for m in found), found
-        assert sent[-1] == {"role": "user", "content": "What is the code of the vault?"}
+        # quoted with its origin, inside the user's message: never a turn of the model
+        assert all(line.startswith("[instance mallory] ") for line in found), found
+        assert all(m["role"] == "user" for m in sent if MARKER in str(m.get("content")))
+        assert unblocked(sent[-1]) == {"role": "user", "content": "What is the code of the vault?"}
 
         # the same instance's own history stays the conversation it is
         async with AsyncOpenAI(base_url=gw.base("bank", "mallory"), api_key="k") as ai:
@@ -58,6 +61,5 @@ async def test_a_forged_assistant_turn_reaches_another_instance_only_as_quoted_t
                 model="gpt-4o", messages=[{"role": "user", "content": "Remind me of the vault?"}]
             )
         own = carriers(gw.upstream.received[-1].messages)
-        assert own and not any("instance mallory" in str(m["content"]) for m in own)
-        if not merge:
-            assert any(m["role"] == "assistant" for m in own), own
+        assert own and not any("instance mallory" in line for line in own)
+        assert any(line.startswith("assistant: ") for line in own), own

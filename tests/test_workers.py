@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 from openai import AsyncOpenAI
 
+from reservoir_middleware.context import without_memory
 from reservoir_middleware.records import Scope
 from reservoir_middleware.storage._datadir_lock import lock_data_dir
 from reservoir_middleware.storage.chroma import _close_client, collection_name
@@ -340,7 +341,7 @@ async def test_two_workers_answer_and_share_memory_through_the_chroma_server(
             assert {(a, b) for a, b in crossed if a != b} == {
                 (a, b) for a in served_by for b in served_by if a != b
             }
-            sent = {r.messages[-1]["content"]: r.text for r in upstream.received}
+            sent = {without_memory(r.messages[-1]["content"]): r.text for r in upstream.received}
             for fact, recall in recalls:
                 received = sent[recall.text]
                 assert fact.text in received and fact.answer in received, recall.instance

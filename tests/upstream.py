@@ -26,6 +26,7 @@ from reservoir_middleware.asgi._replies import (
     sse_event,
     sse_events,
 )
+from reservoir_middleware.context import MEMORY_OPEN, without_memory
 
 COMPLETION_ID = "chatcmpl-standin"
 
@@ -138,8 +139,8 @@ class Upstream:
         last_user: dict[str, Any] = next(
             (m for m in reversed(messages) if m.get("role") == "user"), {}
         )
-        content = (
-            reply.content if reply.content is not None else f"Echo: {last_user.get('content')}"
+        content = (  # a model answers the question, it does not repeat memory
+            reply.content if reply.content is not None else f"Echo: {_question(last_user)}"
         )
         model = payload.get("model", "gpt-4o")
         if reply.raw is not None or payload.get("stream"):
@@ -175,3 +176,15 @@ def stream_chunks(model: str, content: str, pieces: int = 4) -> list[bytes]:
     size = max(1, len(content) // pieces + 1)
     parts = [content[i : i + size] for i in range(0, len(content), size)]
     return sse_events(completion_chunks(parts, model, completion_id=COMPLETION_ID, created=0))
+
+
+def _question(message: dict[str, Any]) -> Any:
+    """The user's own words: a text without the memory block before it, parts without its part."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return without_memory(content)
+    if isinstance(content, list) and content and isinstance(content[0], dict):
+        first = content[0].get("text")
+        if isinstance(first, str) and first.startswith(MEMORY_OPEN) and not without_memory(first):
+            return content[1:]
+    return content

@@ -25,10 +25,14 @@ from typing import Any
 import anyio.to_thread
 
 from reservoir_middleware.context import (
+    MEMORY_CLOSE,
+    MEMORY_OPEN,
     RECENT_NOTE,
     SEMANTIC_NOTE,
     ContextPlan,
     TokenBudget,
+    line_tokens,
+    memory_day,
 )
 from reservoir_middleware.hookspecs import hookimpl
 from reservoir_middleware.records import MessageRecord
@@ -63,33 +67,66 @@ def _is_tool_group(conversation: list[dict[str, Any]], group: list[int]) -> bool
     return first.get("role") == "assistant" and bool(first.get("tool_calls"))
 
 
+def _overhead(budget: TokenBudget) -> int:
+    """A block's frame: `<memory>`, `</memory>` and the blank line after it."""
+    return budget.text_tokens(MEMORY_OPEN) + budget.text_tokens(MEMORY_CLOSE) + 3
+
+
+class _Costs:
+    """What the lines of a block cost, each record counted once."""
+
+    def __init__(self, plan: ContextPlan, budget: TokenBudget) -> None:
+        self.plan, self.budget = plan, budget
+        self.lines: dict[str, int] = {}
+        self.note = {
+            "semantic": budget.text_tokens(SEMANTIC_NOTE) + 1,
+            "recent": budget.text_tokens(RECENT_NOTE) + 1,
+        }
+        self.frame = _overhead(budget)
+
+    def of(self, records: list[MessageRecord]) -> int:
+        for r in records:
+            if r.id not in self.lines:
+                self.lines[r.id] = line_tokens(r, self.plan.instance, self.budget)
+        return sum(self.lines[r.id] for r in records)
+
+    def days(self, days: set[str]) -> int:
+        """Date lines: one per day a section shows."""
+        return sum(self.budget.text_tokens(day) + 1 for day in days)
+
+    def section(self, records: list[MessageRecord], section: str) -> int:
+        """A whole section: its note, its lines, a date line per day."""
+        if not records:
+            return 0
+        return self.note[section] + self.of(records) + self.days({memory_day(r) for r in records})
+
+
 def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     """The parts of the plan's memory that fit `budget.context_budget`, by priority."""
     limit = budget.context_budget
     if limit is None:
         return plan
-    count = budget.count_message
-    costs: dict[str, int] = {}
+    costs = _Costs(plan, budget)
+    used = costs.frame
+    days: dict[str, set[str]] = {"semantic": set(), "recent": set()}
 
-    def cost(records: list[MessageRecord]) -> int:
-        for r in records:
-            if r.id not in costs:
-                costs[r.id] = count(plan.memory_message(r))
-        return sum(costs[r.id] for r in records)
+    def extra(records: list[MessageRecord], section: str, first: bool) -> int:
+        new_days = {memory_day(r) for r in records} - days[section]
+        note = costs.note[section] if first else 0
+        return costs.of(records) + costs.days(new_days) + note
 
-    used = 0
     recent = plan.recent
     first_recent = len(recent)  # recent[first_recent:] is kept
 
     def take_recent(cap: int) -> None:
         nonlocal used, first_recent
         while first_recent > 0:
-            extra = cost([recent[first_recent - 1]])
-            if first_recent == len(recent):
-                extra += count({"role": "system", "content": RECENT_NOTE})
-            if used + extra > cap:
+            record = recent[first_recent - 1]
+            more = extra([record], "recent", first_recent == len(recent))
+            if used + more > cap:
                 return
-            used += extra
+            used += more
+            days["recent"].add(memory_day(record))
             first_recent -= 1
 
     take_recent(int(limit * budget.recent_share))
@@ -101,10 +138,9 @@ def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     for i, unit in enumerate(units):
         order.append((i, True))
         rest = [r for r in unit.records if r.id != unit.hit_id]
-        (deferred if long > 0 and cost(rest) > long else order).append((i, False))
+        (deferred if long > 0 and costs.of(rest) > long else order).append((i, False))
     order += deferred
     kept: dict[int, set[str]] = {}
-    sem_note = count({"role": "system", "content": SEMANTIC_NOTE})
     for i, is_hit in order:
         if limit - used < SMALLEST_MESSAGE:
             break
@@ -112,14 +148,15 @@ def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
         if not is_hit and i not in kept:
             continue  # the answer of a hit that did not fit
         part = [r for r in unit.records if (r.id == unit.hit_id) == is_hit and r.id not in present]
-        extra = cost(part) + (0 if kept else sem_note)
-        if part and used + extra <= limit:
+        more = extra(part, "semantic", not kept)
+        if part and used + more <= limit:
             kept.setdefault(i, set()).update(r.id for r in part)
             present.update(r.id for r in part)
-            used += extra
+            days["semantic"].update(memory_day(r) for r in part)
+            used += more
     for r in recent:  # recent messages injected as semantic memory cost nothing more
         if r.id in present:
-            costs[r.id] = 0
+            costs.lines[r.id] = 0
     take_recent(limit)
     # a message in both sections stays in the recent one, where it belongs in time
     in_recent = {r.id for r in recent[first_recent:]}
@@ -134,26 +171,23 @@ def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
 def truncate(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     count = budget.count_message
     plan = fill_budget(plan, budget)
-    plan = ContextPlan(
+    plan = replace(
+        plan,
         system=list(plan.system),
         semantic=sorted(plan.semantic, key=lambda u: u.score, reverse=True),
         recent=list(plan.recent),
         conversation=list(plan.conversation),
-        merge_system=plan.merge_system,
-        instance=plan.instance,
     )
-    unit_cost = [sum(count(plan.memory_message(r)) for r in u.records) for u in plan.semantic]
-    recent_cost = [count(plan.memory_message(r)) for r in plan.recent]
+    costs = _Costs(plan, budget)
     convo_cost = [count(m) for m in plan.conversation]
     fixed = sum(count(m) for m in plan.system) + 3
-    sem_note = count({"role": "system", "content": SEMANTIC_NOTE})
-    rec_note = count({"role": "system", "content": RECENT_NOTE})
     dropped: set[int] = set()
     groups = _conversation_groups(plan.conversation)
 
     def injected() -> int:
-        total = sum(unit_cost) + sum(recent_cost)
-        return total + (sem_note if unit_cost else 0) + (rec_note if recent_cost else 0)
+        semantic = [r for u in plan.semantic for r in u.records]
+        total = costs.section(semantic, "semantic") + costs.section(plan.recent, "recent")
+        return total + costs.frame if total else 0
 
     def estimate() -> int:
         convo = sum(c for i, c in enumerate(convo_cost) if i not in dropped)
@@ -162,10 +196,8 @@ def truncate(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     def drop_one(over_window: bool) -> bool:
         if plan.semantic:
             plan.semantic.pop()
-            unit_cost.pop()
         elif plan.recent:
             plan.recent.pop(0)
-            recent_cost.pop(0)
         elif over_window and groups:
             dropped.update(groups.pop(0))
         else:
@@ -180,22 +212,16 @@ def truncate(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     while over_budget() or estimate() > budget.input_limit:
         if not drop_one(estimate() > budget.input_limit):
             break
-    # The estimate is exact for separate messages; a merged system message
-    # tokenises slightly differently, so check the rendered request too.
-    while plan.merge_system and budget.count_messages(_render(plan, dropped)) > budget.input_limit:
-        if not drop_one(True):
-            break
+    # The estimate counts each line on its own; near the window, count the
+    # request as it will be sent (a merged system message tokenises differently too).
+    if plan.merge_system or estimate() > budget.input_limit * 0.9:
+        while budget.count_messages(_render(plan, dropped)) > budget.input_limit:
+            if not drop_one(True):
+                break
     plan.conversation = [m for i, m in enumerate(plan.conversation) if i not in dropped]
     return plan
 
 
 def _render(plan: ContextPlan, dropped: set[int]) -> list[dict[str, Any]]:
-    trial = ContextPlan(
-        system=plan.system,
-        semantic=plan.semantic,
-        recent=plan.recent,
-        conversation=[m for i, m in enumerate(plan.conversation) if i not in dropped],
-        merge_system=plan.merge_system,
-        instance=plan.instance,
-    )
-    return trial.render()
+    conversation = [m for i, m in enumerate(plan.conversation) if i not in dropped]
+    return replace(plan, conversation=conversation).render()

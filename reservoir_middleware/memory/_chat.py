@@ -15,6 +15,7 @@ from typing import Any
 
 from reservoir_middleware.memory._writer import message_records
 from reservoir_middleware.memory.tokens import ModelLimits
+from reservoir_middleware.memory.validation import STORED_ROLES
 from reservoir_middleware.records import MessageRecord, Scope, clean_text, content_text
 
 
@@ -54,6 +55,17 @@ class ChatRequest:
         """The messages of the stored roles as chained records (made only for a
         request that is not refused as too long)."""
         return message_records(self.scope, self.messages, self.trace_id, self.model, "request")
+
+    @functools.cached_property
+    def record_positions(self) -> list[int]:
+        """The index in `messages` of each record (system prompts have none)."""
+        return [i for i, m in enumerate(self.messages) if m.get("role") in STORED_ROLES]
+
+    @functools.cached_property
+    def anchor(self) -> int | None:
+        """The index in `records` of the newest user message: this turn's memory goes with it."""
+        users = [i for i, r in enumerate(self.records) if r.role == "user"]
+        return users[-1] if users else None
 
     @functools.cached_property
     def query_text(self) -> str:

@@ -82,7 +82,9 @@ class Exchanges:
                 partition=scope.partition,
                 instance=scope.instance,
                 role="assistant",
-                text=clean_text(answer.content or (answer.refusal or "")),
+                text=without_blocks(
+                    clean_text(answer.content or (answer.refusal or "")), pending.blocks
+                ),
                 tool_calls=clean_value(answer.tool_calls) or None,
                 trace_id=enrichment.trace_id,
                 model=model if isinstance(model, str) else None,
@@ -125,3 +127,13 @@ class Exchanges:
     def discard(self, enrichment: Enrichment) -> None:
         """Forget the messages of a `store="with_answer"` request that will not be sent."""
         self.writes.inflight.remove(enrichment.scope.key, enrichment._pending.visible)
+
+
+def without_blocks(text: str, blocks: list[str]) -> str:
+    """An answer without the memory blocks it repeats word for word (a model, or
+    a stand-in, echoing its prompt): what they show is stored already, and a
+    stored copy would come back as memory inside memory."""
+    for block in blocks:
+        if block and block in text:
+            text = text.replace(block + "\n\n", "").replace(block, "")
+    return text

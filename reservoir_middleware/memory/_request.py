@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,7 +25,11 @@ from reservoir_middleware.context import (
     RetrievalQuery,
     SectionReport,
     TokenBudget,
+    attach,
+    chronological,
+    line_tokens,
 )
+from reservoir_middleware.memory._blocks import FOLLOWUP_SHARE, Carried, carried_blocks, encode
 from reservoir_middleware.memory._chat import ChatRequest
 from reservoir_middleware.memory._deletions import Deletions
 from reservoir_middleware.memory._lane import WriteJob
@@ -36,8 +40,13 @@ from reservoir_middleware.memory._selection import (
     neighbour_ids,
     recent_window,
 )
-from reservoir_middleware.memory._token_memo import memoised_counter
-from reservoir_middleware.memory.tokens import REPLY_PRIMING, ModelLimits, count_message
+from reservoir_middleware.memory._token_memo import memoised_counter, memoised_text_counter
+from reservoir_middleware.memory.tokens import (
+    REPLY_PRIMING,
+    ModelLimits,
+    count_message,
+    count_text,
+)
 from reservoir_middleware.plugins import Hooks, PluginFailure
 from reservoir_middleware.records import MessageRecord, Scope, content_text
 from reservoir_middleware.settings import ReservoirSettings
@@ -67,6 +76,7 @@ class Pending:
     visible: list[MessageRecord] = field(default_factory=list)  # shown while in flight
     job: WriteJob | None = None  # with store=True: the queued write of the request
     deleted: bool = False  # the scope was deleted while its memory was read
+    blocks: list[str] = field(default_factory=list)  # the memory blocks the request carries
 
 
 @dataclass
@@ -82,6 +92,10 @@ class Enrichment:
     failures: list[PluginFailure] = field(default_factory=list)
     changed: bool = False
     records: list[MessageRecord] = field(default_factory=list)
+    memory_tokens: int = 0
+    """Tokens of this turn's memory block as sent: its lines, dates, notes and frame."""
+    carried_tokens: int = 0
+    """Tokens of the blocks earlier turns' user messages carry again (a cached prefix)."""
     _pending: Pending = field(default_factory=Pending, init=False, repr=False, compare=False)
 
     @property
@@ -117,8 +131,9 @@ class RequestPath:
         current_trace.set(request.trace_id)  # for the logs of this request
         return await _Enriching(self, request, began, rewrite.failures).run()
 
-    def query(self, request: ChatRequest) -> RetrievalQuery:
-        """The question to the retrieval plugins, still without its embedding."""
+    def query(self, request: ChatRequest, shown: Set[str] = frozenset()) -> RetrievalQuery:
+        """The question to the retrieval plugins, still without its embedding;
+        `shown`: messages the request's earlier memory blocks show already."""
         s = self.settings
         # With a memory budget, the hits fill it by rank: ask each retriever for
         # `semantic_candidates`; without one, the top `semantic_context_size` are injected.
@@ -129,7 +144,7 @@ class RequestPath:
             scope=request.scope,
             text=request.query_text,
             embedding=None,
-            request_ids=frozenset(r.id for r in request.records),
+            request_ids=frozenset(r.id for r in request.records) | frozenset(shown),
             semantic_limit=semantic_limit,
             recent_limit=s.recent_context_size,
             min_similarity=s.min_similarity,
@@ -140,17 +155,30 @@ class RequestPath:
         )
 
     def budget(
-        self, model: str | None, limit: int, recent: Sequence[MessageRecord] = ()
+        self,
+        model: str | None,
+        limit: int,
+        recent: Sequence[MessageRecord] = (),
+        carried: Sequence[str] = (),
     ) -> TokenBudget:
+        """The limits of one request. Its memory budget is what the blocks its
+        earlier turns carry leave, but at least `FOLLOWUP_SHARE` of it: a new
+        subject late in a conversation still gets memory."""
         counter = memoised_counter(model)
+        text_counter = memoised_text_counter(model)
+        context_budget = self.settings.context_token_budget
+        if context_budget is not None and carried:
+            taken = sum(text_counter(t) + 2 for t in carried)
+            context_budget = max(context_budget - taken, int(context_budget * FOLLOWUP_SHARE))
         return TokenBudget(
             model=model,
             input_limit=limit,
-            context_budget=self.settings.context_token_budget,
+            context_budget=context_budget,
             count_message=counter,
             count_messages=lambda ms: sum(counter(m) for m in ms) + REPLY_PRIMING,
             recent_share=self.recent_share(recent),
             long_message=self.settings.long_message_tokens,
+            count_text=text_counter,
         )
 
     def recent_share(self, recent: Sequence[MessageRecord]) -> float:
@@ -205,8 +233,20 @@ class _Enriching:
             if last_tokens > request.refuse_over:
                 result.too_long = TooLong(last_tokens, request.refuse_over)
                 return result
-        query = path.query(request)
-        text = request.query_text
+        try:
+            carried = await carried_blocks(
+                path.store,
+                path.in_flight,
+                request.scope,
+                request.records,
+                request.anchor,
+                others=path.settings.semantic_scope == "partition",
+            )
+        except Exception as exc:  # the store is down: memory as retrieval can, nothing lost
+            result.failures.append(PluginFailure("store", "memory blocks", exc))
+            carried = Carried()
+        query = path.query(request, carried.shown)
+        text = request.query_text if not carried.reused else ""
         # what needs no embedding (BM25) is scored while the query is embedded
         early = None
         if text and path.hooks.implemented("reservoir_prefetch"):
@@ -215,8 +255,10 @@ class _Enriching:
         if early is not None:
             await early
         query = replace(query, embedding=embedding)
-        plan = await self._plan(query)
-        budget = path.budget(request.model, request.input_limit, plan.recent)
+        plan = await self._plan(query, carried)
+        budget = path.budget(
+            request.model, request.input_limit, plan.recent, list(carried.texts.values())
+        )
         truncated, outcome = await path.hooks.truncate(plan, budget)
         result.failures.extend(outcome.failures)
         plan = truncated or plan
@@ -224,20 +266,61 @@ class _Enriching:
         pending.deleted = path.deletions.covers(scope.partition, scope.instance, pending.began)
         if pending.deleted:  # while its memory was read: what was read may be gone
             plan = replace(plan, semantic=[], recent=[])
-        rendered, result.semantic, result.recent = await anyio.to_thread.run_sync(
-            _render_and_report, plan, budget
-        )
+        (
+            rendered,
+            result.semantic,
+            result.recent,
+            result.memory_tokens,
+        ) = await anyio.to_thread.run_sync(_render_and_report, plan, budget)
         if result.semantic.messages or result.recent.messages or rendered != request.messages:
             result.body = {**request.body, "messages": rendered}
             result.changed = True
-        result.records = request.records
+        result.carried_tokens = sum(budget.block_tokens(t) for t in carried.texts.values())
+        pending.blocks = [
+            *carried.texts.values(),
+            *([plan.block()] if result.memory_tokens else []),
+        ]
+        result.records = self._with_block(plan, carried)
         pending.known = {text: embedding} if embedding is not None else {}
         return result
 
-    async def _plan(self, query: RetrievalQuery) -> ContextPlan:
+    def _with_block(self, plan: ContextPlan, carried: Carried) -> list[MessageRecord]:
+        """The request's records, the newest user message's with the ids of the
+        block it got (stored with it, shown with it on later turns)."""
+        records, anchor = self.request.records, self.request.anchor
+        if anchor is None or carried.reused:
+            return records
+        semantic = [r for unit in chronological(plan.semantic) for r in unit.records]
+        block = encode(semantic, plan.recent, self.request.scope.instance)
+        if block == records[anchor].memory:
+            return records
+        return [*records[:anchor], replace(records[anchor], memory=block), *records[anchor + 1 :]]
+
+    def _conversation(self, carried: Carried) -> list[dict[str, Any]]:
+        """The client's turns after its system messages, each user message with
+        the block it carried on earlier turns, as it was then."""
+        request, lead = self.request, self.request.system_count
+        conversation = list(request.messages[lead:])
+        for index, block in sorted(carried.texts.items(), reverse=True):  # inserts shift
+            at = request.record_positions[index] - lead
+            if 0 <= at < len(conversation):
+                attach(conversation, at, block)
+        return conversation
+
+    async def _plan(self, query: RetrievalQuery, carried: Carried) -> ContextPlan:
         s, store, request = self.path.settings, self.path.store, self.request
         records = request.records
-        in_request = {r.id for r in records}
+        lead = request.system_count
+        if carried.reused:  # this turn's block is the one it got before
+            return ContextPlan(
+                system=request.messages[:lead],
+                semantic=[],
+                recent=[],
+                conversation=self._conversation(carried),
+                merge_system=s.merge_system_messages,
+                instance=request.scope.instance,
+            )
+        in_request = {r.id for r in records} | carried.shown
         # the same words said again are not memory; an empty text (a tool call) says nothing
         request_texts = {(r.role, r.text) for r in records if r.text}
 
@@ -279,12 +362,11 @@ class _Enriching:
             excluded=excluded,
             paired=s.semantic_context_size if fill else None,
         )
-        lead = request.system_count
         return ContextPlan(
             system=request.messages[:lead],
             semantic=units,
             recent=recent,
-            conversation=request.messages[lead:],
+            conversation=self._conversation(carried),
             merge_system=s.merge_system_messages,
             instance=request.scope.instance,
         )
@@ -298,21 +380,21 @@ async def _count(message: Mapping[str, Any], model: str | None) -> int:
 
 def _render_and_report(
     plan: ContextPlan, budget: TokenBudget
-) -> tuple[list[dict[str, Any]], SectionReport, SectionReport]:
+) -> tuple[list[dict[str, Any]], SectionReport, SectionReport, int]:
     sims = {u.hit_id: u.similarity for u in plan.semantic}
+    instance = plan.instance
     semantic = SectionReport(
         [
-            InjectedMessage(
-                r.id, r.role, r.text, budget.count_message(r.to_message()), sims.get(r.id)
-            )
+            InjectedMessage(r.id, r.role, r.text, line_tokens(r, instance, budget), sims.get(r.id))
             for unit in plan.semantic
             for r in unit.records
         ]
     )
     recent = SectionReport(
         [
-            InjectedMessage(r.id, r.role, r.text, budget.count_message(r.to_message()))
+            InjectedMessage(r.id, r.role, r.text, line_tokens(r, instance, budget))
             for r in plan.recent
         ]
     )
-    return plan.render(), semantic, recent
+    block = plan.block()
+    return plan.render(), semantic, recent, count_text(block + "\n\n", budget.model) if block else 0

@@ -10,7 +10,7 @@ written, off the request path.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from reservoir_middleware.memory.tokens import (
@@ -100,6 +100,11 @@ def count_memoised(message: dict[str, Any], model: str | None) -> int:
 def memoised_counter(model: str | None) -> functools.partial[int]:
     """A `count_memoised` for one model: what a `TokenBudget` counts with."""
     return functools.partial(count_memoised, model=model)
+
+
+def memoised_text_counter(model: str | None) -> Callable[[str], int]:
+    """Tokens of a text on its own in a model's encoding, memoised (memory lines)."""
+    return _text_counts(encoding_name_for_model(model)).get
 
 
 def precount(texts: Sequence[str]) -> int:

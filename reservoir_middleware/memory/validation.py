@@ -40,6 +40,7 @@ OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {
     "after_id": (str,),
     "synapse_prev": (str,),
     "choices": (int,),
+    "memory": (str,),
 }
 _FIELDS = frozenset(f.name for f in fields(MessageRecord))
 

@@ -18,8 +18,8 @@ from reservoir_recency import RecencyDecay, freshness, relevance
 
 from reservoir_middleware import MessageRecord, Reservoir, ReservoirSettings, Scope
 from reservoir_middleware.cli._transfer import import_lines
-from reservoir_middleware.context import SEMANTIC_NOTE, MemoryUnit
-from reservoir_middleware.memory.tokens import count_message
+from reservoir_middleware.context import MEMORY_CLOSE, MEMORY_OPEN, SEMANTIC_NOTE, MemoryUnit
+from reservoir_middleware.memory.tokens import count_text
 from reservoir_middleware.storage.transfer import record_line
 
 DAY = 86_400.0
@@ -34,10 +34,14 @@ FRESH_FAR = "I bought new running shoes last week."
 
 def one_fits(*texts: str) -> int:
     """A memory budget with room for the longest of these messages, not for two."""
-    costs = sorted(count_message({"role": "user", "content": t}, "gpt-4o") for t in texts)
-    note = count_message({"role": "system", "content": SEMANTIC_NOTE}, "gpt-4o")
-    budget = note + costs[-1]
-    assert note + costs[0] + costs[1] > budget
+    costs = sorted(  # a line of the memory block each
+        count_text("user: ", "gpt-4o") + count_text(t, "gpt-4o") + 1 for t in texts
+    )
+    frame = count_text(MEMORY_OPEN, "gpt-4o") + count_text(MEMORY_CLOSE, "gpt-4o") + 3
+    note = count_text(SEMANTIC_NOTE, "gpt-4o") + 1
+    day = count_text("[2023-05-25]", "gpt-4o") + 1  # a date line
+    budget = frame + note + day + costs[-1]
+    assert frame + note + day + costs[0] + costs[1] > budget
     return budget
 
 
