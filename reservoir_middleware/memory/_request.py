@@ -40,7 +40,7 @@ from reservoir_middleware.memory._token_memo import memoised_counter
 from reservoir_middleware.memory.tokens import REPLY_PRIMING, ModelLimits, count_message
 from reservoir_middleware.plugins import Hooks, PluginFailure
 from reservoir_middleware.records import MessageRecord, Scope, content_text
-from reservoir_middleware.settings import ReservoirSettings
+from reservoir_middleware.settings import MemoryMode, ReservoirSettings
 from reservoir_middleware.store import MemoryStore
 
 
@@ -82,6 +82,7 @@ class Enrichment:
     failures: list[PluginFailure] = field(default_factory=list)
     changed: bool = False
     records: list[MessageRecord] = field(default_factory=list)
+    memory_mode: MemoryMode = "on"  # what memory did: `read`/`off` store nothing
     _pending: Pending = field(default_factory=Pending, init=False, repr=False, compare=False)
 
     @property
@@ -183,6 +184,28 @@ class RequestPath:
             for h in hits
             if h.resolved or h.record.id in found
         ]
+
+    async def passthrough(self, scope: Scope, body: Mapping[str, Any], began: float) -> Enrichment:
+        """The request as sent (after the `reservoir_rewrite_request` plugins),
+        for a memory mode that does not read (`write`, `off`): nothing is embedded,
+        retrieved nor injected. Its records are kept for the write side, and the
+        "too long" check still holds. Raises InvalidChatRequest as `enrich` does."""
+        new_body, rewrite = await self.hooks.rewrite_request(dict(body), scope)
+        request = ChatRequest.parse(scope, new_body, self.limits)
+        current_trace.set(request.trace_id)
+        result = Enrichment(scope, request.body, request.trace_id)
+        result.failures = list(rewrite.failures)
+        result._pending.began, result._pending.model = began, request.model
+        if request.refuse_over is not None:
+            last_tokens = await _count(request.messages[-1], request.model)
+            if last_tokens > request.refuse_over:
+                result.too_long = TooLong(last_tokens, request.refuse_over)
+                return result
+        result.changed = self.hooks.implemented("reservoir_rewrite_request") and new_body != body
+        result.records = request.records
+        pending = result._pending
+        pending.deleted = self.deletions.covers(scope.partition, scope.instance, began)
+        return result
 
 
 class _Enriching:
