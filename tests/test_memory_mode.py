@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from openai import AsyncOpenAI, BadRequestError
 
-from reservoir_middleware import Reservoir, hookimpl
+from reservoir_middleware import Reservoir, ReservoirSettings, hookimpl
 from reservoir_middleware.context import RetrievalQuery
 from reservoir_middleware.gateway.app import create_app
+from reservoir_middleware.memory._mode import policy_mode
 from reservoir_middleware.store import MemoryStore
 from tests.conftest import Gateway, GatewayFactory, make_settings, serve
 from tests.memory_fixtures import chat, memory_engine
@@ -299,3 +300,15 @@ async def test_engine_enrich_memory_keyword(tmp_path: Path) -> None:
             await engine.enrich("p", "i", chat(SECRET), memory="sometimes")  # type: ignore[arg-type]
     finally:
         await engine.close()
+
+
+def test_the_readme_config_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's TOML example, read from a config file, gives the policies it says."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Memory per request: the X-Reservoir-Memory header", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "reservoir.toml").write_text(example)
+    monkeypatch.setenv("RSV_CONFIG_FILE", str(tmp_path / "reservoir.toml"))
+    settings = ReservoirSettings(data_dir=tmp_path / "memory")
+    modes = {p: policy_mode(settings, p) for p in ("guest-1", "kiosk", "kiosk-2", "team")}
+    assert modes == {"guest-1": "off", "kiosk": "read", "kiosk-2": "on", "team": "on"}
