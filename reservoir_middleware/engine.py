@@ -29,13 +29,14 @@ from reservoir_middleware.builtins.truncation import BudgetTruncation
 from reservoir_middleware.memory._chat import InvalidChatRequest as InvalidChatRequest
 from reservoir_middleware.memory._deadletter import DeadLetters
 from reservoir_middleware.memory._deletions import Deletions, now
+from reservoir_middleware.memory._enrichment import Enrichment as Enrichment
+from reservoir_middleware.memory._enrichment import TooLong as TooLong
 from reservoir_middleware.memory._exchange import Exchanges
 from reservoir_middleware.memory._journal import Journal
 from reservoir_middleware.memory._lane import WriteJob, WriteLane
+from reservoir_middleware.memory._mode import narrow, parse_mode, policy_mode, reads, writes
 from reservoir_middleware.memory._recovery import ExchangeJournal
-from reservoir_middleware.memory._request import Enrichment as Enrichment
 from reservoir_middleware.memory._request import RequestPath
-from reservoir_middleware.memory._request import TooLong as TooLong
 from reservoir_middleware.memory._token_memo import precount_messages, precount_scope
 from reservoir_middleware.memory._writer import Exported, Writer, message_records
 from reservoir_middleware.memory._writes import Writes
@@ -53,7 +54,7 @@ from reservoir_middleware.memory.validation import (
 )
 from reservoir_middleware.plugins import Hooks, make_plugin_manager
 from reservoir_middleware.records import Answer, MessageRecord, Scope, clean_text
-from reservoir_middleware.settings import ReservoirSettings
+from reservoir_middleware.settings import MemoryMode, ReservoirSettings
 from reservoir_middleware.storage.chroma import ChromaStore
 from reservoir_middleware.store import Storage
 
@@ -190,6 +191,7 @@ class Reservoir:
         body: Mapping[str, Any],
         *,
         store: bool | Literal["with_answer"] = True,
+        memory: MemoryMode = "on",
     ) -> Enrichment:
         """The request with memory injected and trimmed; stores its new messages.
 
@@ -198,14 +200,25 @@ class Reservoir:
         `record_answer` is called (the middleware's way: one write per
         exchange); until then they already count as the scope's newest
         messages. `store=False` stores nothing.
+
+        `memory` narrows what the partition's `memory_mode` allows (the result's
+        `memory_mode` is what held): `read` injects but stores nothing, `write`
+        stores but retrieves nothing, `off` neither. Raises ValueError for
+        another value.
         """
         began = now()
+        scope = checked_scope(partition, instance)
+        mode = narrow(parse_mode(memory), policy_mode(self.settings, scope.partition))
         if not self._warm:
             await self._warm_up_engine()
         self._writes.watch_deletions()
         await self._writes.wait_for_room()
-        result = await self._requests.enrich(checked_scope(partition, instance), body, began)
-        if store and result.too_long is None:
+        if reads(mode):
+            result = await self._requests.enrich(scope, body, began)
+        else:  # no retrieval work at all
+            result = await self._requests.passthrough(scope, body, began)
+        result.memory_mode = mode
+        if store and writes(mode) and result.too_long is None:
             await self._exchanges.accept(result, store)
         return result
 
@@ -221,8 +234,14 @@ class Reservoir:
         With `enrich(..., store="with_answer")` this writes the request's
         messages and the answer in one batch, journalled first so that a
         crash loses nothing; call it exactly once. The future resolves once
-        stored.
+        stored. An enrichment whose `memory_mode` stores nothing (`read`, `off`)
+        writes nothing, journals nothing, and resolves to None.
         """
+        if not writes(enrichment.memory_mode):
+            self._exchanges.discard(enrichment)
+            nothing: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            nothing.set_result(None)
+            return nothing
         return self._exchanges.record_answer(enrichment, answer, complete=complete)
 
     def discard(self, enrichment: Enrichment) -> None:

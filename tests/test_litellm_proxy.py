@@ -336,6 +336,39 @@ async def test_refused_request_stores_nothing(proxy: Proxy) -> None:
     assert "4711" not in proxy.upstream.received[-1].text
 
 
+async def test_memory_header_through_litellm(proxy: Proxy) -> None:
+    """`X-Reservoir-Memory` is read by the middleware in front of LiteLLM, never
+    forwarded; the response says what memory did."""
+
+    async def ask(text: str, mode: str) -> str | None:
+        async with proxy.client("desk", "frank") as ai:
+            raw = await ai.chat.completions.with_raw_response.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": text}],
+                extra_headers={"X-Reservoir-Memory": mode},
+            )
+        assert "x-reservoir-memory" not in proxy.upstream.received[-1].headers
+        return raw.headers.get("x-reservoir-status")
+
+    await proxy.ask("desk", "frank", "My locker is number 31.")
+    assert await ask("The safe code is 9090.", "off") == "memory=off"
+    assert proxy.upstream.received[-1].messages[0]["content"] == "The safe code is 9090."
+    assert await ask("Which locker is mine?", "read") == "memory=read"
+    assert "My locker is number 31." in proxy.upstream.received[-1].text
+    await proxy.ask("desk", "frank", "What did I tell you?")
+    later = proxy.upstream.received[-1].text
+    assert "My locker is number 31." in later
+    assert "9090" not in later and "Which locker is mine?" not in later  # neither was kept
+    async with proxy.client("desk", "frank") as ai:
+        with pytest.raises(APIStatusError) as refused:
+            await ai.chat.completions.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": "Hello?"}],
+                extra_headers={"X-Reservoir-Memory": "maybe"},
+            )
+    assert refused.value.status_code == 400
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")

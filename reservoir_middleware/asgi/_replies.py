@@ -15,6 +15,14 @@ STATUS_HEADER = b"x-reservoir-status"
 TRACE_HEADER = b"x-reservoir-trace-id"
 
 
+def status_header(*, degraded: bool, memory: str = "on") -> tuple[bytes, bytes] | None:
+    """`x-reservoir-status`: `degraded` on a memory failure, `memory=MODE` when
+    memory is not fully on, `; `-separated (`degraded; memory=read`); none when
+    neither (so a plain `degraded` stays exactly that)."""
+    parts = (["degraded"] if degraded else []) + ([f"memory={memory}"] if memory != "on" else [])
+    return (STATUS_HEADER, "; ".join(parts).encode("ascii")) if parts else None
+
+
 def _json_bytes(payload: Any) -> bytes:
     """Compact UTF-8 JSON; a lone surrogate (a client's odd string echoed back)
     cannot be UTF-8, so such a payload is written with `\\u` escapes instead."""

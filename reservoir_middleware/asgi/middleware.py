@@ -30,17 +30,26 @@ from reservoir_middleware.asgi._replies import (
     TRACE_HEADER,
     send_error,
     send_too_long,
+    status_header,
 )
 from reservoir_middleware.asgi._routes import ChatRoute, match_chat_route
 from reservoir_middleware.engine import Enrichment, InvalidChatRequest, Reservoir
+from reservoir_middleware.memory._mode import (
+    InvalidMemoryMode,
+    narrow,
+    parse_modes,
+    policy_mode,
+    writes,
+)
 from reservoir_middleware.memory.validation import InvalidName
 from reservoir_middleware.records import Scope
-from reservoir_middleware.settings import ReservoirSettings
+from reservoir_middleware.settings import MemoryMode, ReservoirSettings
 
 DEGRADED = (STATUS_HEADER, b"degraded")
 # Set in every scope the wrapped app is given: a second ReservoirMiddleware further
 # in (added twice) passes it straight through instead of enriching and storing again.
 HANDLED = "reservoir.handled"
+MEMORY_HEADER = b"x-reservoir-memory"
 SHUTDOWN_WRITE_SECONDS = 10.0
 
 
@@ -103,8 +112,13 @@ class ReservoirMiddleware:
         if refusal is not None:  # before the body is read: no memory touched
             await refusal.send(send)
             return
+        try:
+            memory = self._memory_mode(scope, route.partition)
+        except InvalidMemoryMode as exc:  # before the body is read: nothing stored
+            await send_error(send, 400, "invalid_request", f"X-Reservoir-Memory: {exc}")
+            return
         app_scope = self._for_the_app(scope)
-        exchange = ChatExchange(self.app, self.reservoir, self.settings, route, app_scope)
+        exchange = ChatExchange(self.app, self.reservoir, self.settings, route, app_scope, memory)
         await exchange.run(receive, send)
 
     def _for_the_app(self, scope: ASGIScope) -> ASGIScope:
@@ -115,6 +129,20 @@ class ReservoirMiddleware:
         kept = app_headers(scope.get("headers") or [], self.admin_keys)
         return (
             {**scope, HANDLED: True} if kept is None else {**scope, "headers": kept, HANDLED: True}
+        )
+
+    def _memory_mode(self, scope: ASGIScope, partition: str) -> MemoryMode:
+        """The client's `X-Reservoir-Memory` narrowed by the partition's policy (on
+        either side's settings): it can take permissions away, never add them."""
+        sent = [
+            value.decode("latin-1")
+            for name, value in scope.get("headers") or []
+            if name.lower() == MEMORY_HEADER
+        ]
+        return narrow(
+            parse_modes(sent),
+            policy_mode(self.settings, partition),
+            policy_mode(self.reservoir.settings, partition),
         )
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
@@ -159,8 +187,10 @@ class ChatExchange:
         settings: ReservoirSettings,
         route: ChatRoute,
         scope: ASGIScope,
+        memory: MemoryMode = "on",
     ) -> None:
         self.app = app
+        self.memory = memory
         self.reservoir = reservoir
         self.settings = settings
         self.route = route
@@ -184,18 +214,22 @@ class ChatExchange:
             return
         payload = await _off_loop(len(body), _parse_json, body)
         if not isinstance(payload, dict):
-            await self._forward(body, [], receive, send)
+            await self._forward(body, self._status(), receive, send)
             return
         headers: list[tuple[bytes, bytes]] = []
         try:
             self.enrichment = await asyncio.wait_for(
                 self.reservoir.enrich(
-                    self.route.partition, self.route.instance, payload, store="with_answer"
+                    self.route.partition,
+                    self.route.instance,
+                    payload,
+                    store="with_answer",
+                    memory=self.memory,
                 ),
                 self.settings.memory_timeout_ms / 1000,
             )
         except InvalidChatRequest:
-            await self._forward(body, [], receive, send)
+            await self._forward(body, self._status(), receive, send)
             return
         except Exception as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else repr(exc)
@@ -203,17 +237,17 @@ class ChatExchange:
             if not self.settings.fail_open:
                 await send_error(send, 503, "memory_unavailable", f"memory unavailable: {reason}")
                 return
-            await self._forward(body, [DEGRADED], receive, send)
+            await self._forward(body, self._status(degraded=True), receive, send)
             return
         enrichment = self.enrichment
+        self.memory = enrichment.memory_mode
         headers.append((TRACE_HEADER, enrichment.trace_id.encode("ascii")))
-        if enrichment.degraded:
-            if not self.settings.fail_open:
-                self.reservoir.discard(enrichment)
-                message = "; ".join(str(f) for f in enrichment.failures)
-                await send_error(send, 503, "memory_unavailable", message)
-                return
-            headers.append(DEGRADED)
+        if enrichment.degraded and not self.settings.fail_open:
+            self.reservoir.discard(enrichment)
+            message = "; ".join(str(f) for f in enrichment.failures)
+            await send_error(send, 503, "memory_unavailable", message)
+            return
+        headers += self._status(degraded=enrichment.degraded)
         if enrichment.too_long is not None:
             model = payload.get("model") if isinstance(payload.get("model"), str) else None
             stream = payload.get("stream") is True
@@ -223,6 +257,10 @@ class ChatExchange:
         if enrichment.changed:
             new_body = await _off_loop(len(body), _dump_json, enrichment.body)
         await self._forward(new_body, headers, receive, send)
+
+    def _status(self, *, degraded: bool = False) -> list[tuple[bytes, bytes]]:
+        header = status_header(degraded=degraded, memory=self.memory)
+        return [header] if header is not None else []
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         limit = self.settings.max_body_bytes
@@ -291,7 +329,8 @@ class ChatExchange:
     def _on_start(self, message: Message, extra: list[tuple[bytes, bytes]]) -> Message:
         status = self.status = int(message.get("status", 200))
         headers = list(message.get("headers") or [])
-        if self.enrichment is not None and 200 <= status < 300:
+        recording = self.enrichment is not None and writes(self.memory)
+        if recording and 200 <= status < 300:
             content_type = content_encoding = None
             for name, value in headers:
                 lowered = name.lower()

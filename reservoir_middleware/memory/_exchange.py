@@ -14,9 +14,9 @@ from dataclasses import replace
 from typing import Literal
 
 from reservoir_middleware.memory._deletions import Deletions
+from reservoir_middleware.memory._enrichment import Enrichment
 from reservoir_middleware.memory._lane import WriteJob
 from reservoir_middleware.memory._recovery import ExchangeJournal
-from reservoir_middleware.memory._request import Enrichment
 from reservoir_middleware.memory._writer import answer_after
 from reservoir_middleware.memory._writes import Writes
 from reservoir_middleware.plugins import Hooks

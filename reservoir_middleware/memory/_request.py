@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import anyio.to_thread
@@ -32,7 +32,7 @@ from reservoir_middleware.context import (
 from reservoir_middleware.memory._blocks import FOLLOWUP_SHARE, Carried, carried_blocks, encode
 from reservoir_middleware.memory._chat import ChatRequest
 from reservoir_middleware.memory._deletions import Deletions
-from reservoir_middleware.memory._lane import WriteJob
+from reservoir_middleware.memory._enrichment import Enrichment, TooLong
 from reservoir_middleware.memory._selection import (
     Hit,
     build_units,
@@ -51,56 +51,6 @@ from reservoir_middleware.plugins import Hooks, PluginFailure
 from reservoir_middleware.records import MessageRecord, Scope, content_text
 from reservoir_middleware.settings import ReservoirSettings
 from reservoir_middleware.store import MemoryStore
-
-
-@dataclass(frozen=True)
-class TooLong:
-    tokens: int
-    limit: int
-
-    @property
-    def message(self) -> str:
-        return (
-            f"Your last message is too long. It contains approximately {self.tokens} tokens, "
-            f"which exceeds the maximum limit of {self.limit}. Please shorten your message."
-        )
-
-
-@dataclass
-class Pending:
-    """What the write side keeps of one enrichment until its answer (not public)."""
-
-    began: float = 0.0  # a delete of the scope after it: nothing of the exchange is stored
-    model: str | None = None
-    known: dict[str, list[float]] = field(default_factory=dict)  # text -> its embedding
-    visible: list[MessageRecord] = field(default_factory=list)  # shown while in flight
-    job: WriteJob | None = None  # with store=True: the queued write of the request
-    deleted: bool = False  # the scope was deleted while its memory was read
-    blocks: list[str] = field(default_factory=list)  # the memory blocks the request carries
-
-
-@dataclass
-class Enrichment:
-    """A rewritten request and what went into it."""
-
-    scope: Scope
-    body: dict[str, Any]
-    trace_id: str
-    semantic: SectionReport = field(default_factory=SectionReport)
-    recent: SectionReport = field(default_factory=SectionReport)
-    too_long: TooLong | None = None
-    failures: list[PluginFailure] = field(default_factory=list)
-    changed: bool = False
-    records: list[MessageRecord] = field(default_factory=list)
-    memory_tokens: int = 0
-    """Tokens of this turn's memory block as sent: its lines, dates, notes and frame."""
-    carried_tokens: int = 0
-    """Tokens of the blocks earlier turns' user messages carry again (a cached prefix)."""
-    _pending: Pending = field(default_factory=Pending, init=False, repr=False, compare=False)
-
-    @property
-    def degraded(self) -> bool:
-        return bool(self.failures)
 
 
 class RequestPath:
@@ -211,6 +161,28 @@ class RequestPath:
             for h in hits
             if h.resolved or h.record.id in found
         ]
+
+    async def passthrough(self, scope: Scope, body: Mapping[str, Any], began: float) -> Enrichment:
+        """The request as sent (after the `reservoir_rewrite_request` plugins),
+        for a memory mode that does not read (`write`, `off`): nothing is embedded,
+        retrieved nor injected. Its records are kept for the write side, and the
+        "too long" check still holds. Raises InvalidChatRequest as `enrich` does."""
+        new_body, rewrite = await self.hooks.rewrite_request(dict(body), scope)
+        request = ChatRequest.parse(scope, new_body, self.limits)
+        current_trace.set(request.trace_id)
+        result = Enrichment(scope, request.body, request.trace_id)
+        result.failures = list(rewrite.failures)
+        result._pending.began, result._pending.model = began, request.model
+        if request.refuse_over is not None:
+            last_tokens = await _count(request.messages[-1], request.model)
+            if last_tokens > request.refuse_over:
+                result.too_long = TooLong(last_tokens, request.refuse_over)
+                return result
+        result.changed = self.hooks.implemented("reservoir_rewrite_request") and new_body != body
+        result.records = request.records
+        pending = result._pending
+        pending.deleted = self.deletions.covers(scope.partition, scope.instance, began)
+        return result
 
 
 class _Enriching:
