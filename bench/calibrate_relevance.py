@@ -11,9 +11,11 @@ next conversation, LongMemEval questions to the next question's haystack, in
 file order). The feature is the best cosine similarity of the question to the
 scope (what the built-in semantic retriever sees as its first candidate's
 similarity). Printed: both distributions per dataset, and the chosen floor:
-the `--own-quantile` quantile (default 2%) of the own-scope best similarities
-of both datasets pooled, rounded down to 0.01, with the share of foreign
-questions it lets through. Reads the filled stores of the two benchmarks
+the lower of the two datasets' `--own-quantile` quantiles (default 2%) of the
+own-scope best similarities, rounded down to 0.01 (one value for both), with
+the share of own questions it keeps and of foreign ones it lets through.
+Check the choice with the benches (`--try 'f={"relevance_floor": F}'`):
+turn recall must stay within 0.01 of `relevance_floor=-1`. Reads the filled stores of the two benchmarks
 (`--data-dir` of bench/locomo.py and bench/longmemeval.py); fills nothing.
 """
 
@@ -111,14 +113,16 @@ async def run(args: argparse.Namespace) -> str:
         ([t[0] for t in side] for side in pair) for pair in (loc, lme)
     )
     own = loc_own + lme_own
-    floor = math.floor(float(np.quantile(own, args.own_quantile)) * 100) / 100
+    lowest = min(float(np.quantile(o, args.own_quantile)) for o in (loc_own, lme_own))
+    floor = math.floor(lowest * 100) / 100
     lines = [
         describe("LoCoMo", loc_own, loc_foreign),
         describe("LongMemEval", lme_own, lme_foreign),
     ]
     lines.append(
-        f"chosen relevance_floor = {floor:.2f} (the {args.own_quantile:.0%} quantile of the "
-        f"{len(own)} own-scope best similarities, rounded down to 0.01)"
+        f"chosen relevance_floor = {floor:.2f} (the lower of the two datasets' "
+        f"{args.own_quantile:.0%} quantiles of the own-scope best similarities, "
+        f"{len(own)} questions, rounded down to 0.01)"
     )
     for name, o, f in (("LoCoMo", loc_own, loc_foreign), ("LongMemEval", lme_own, lme_foreign)):
         lines.append(

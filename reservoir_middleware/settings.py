@@ -116,7 +116,7 @@ class ReservoirSettings(BaseSettings):
     # Per question: if its best cosine similarity to the searched scopes is below
     # this, no semantic memory at all (lexical hits neither); -1: never. Calibrated
     # by bench/calibrate_relevance.py (README, "Relevance floor").
-    relevance_floor: float = Field(default=0.42, ge=-1.0, le=1.0)
+    relevance_floor: float = Field(default=0.33, ge=-1.0, le=1.0)
     semantic_scope: Literal["instance", "partition"] = "instance"
     synapse_threshold: float = Field(default=0.85, ge=0.0, le=1.0)
     synapse_neighbours: int = Field(default=2, ge=0, le=20)
