@@ -44,11 +44,11 @@ async def baking(tmp_path: Path) -> Reservoir:
 
 
 async def test_an_unrelated_question_gets_almost_no_semantic_memory(baking: Reservoir) -> None:
-    best = (await baking.search("p", "i", UNRELATED, limit=1))[0].score
-    assert best < baking.settings.relevance_floor  # the premise: nothing is about it
     unrelated = await baking.enrich("p", "i", chat(UNRELATED), store=False)
     assert len(unrelated.semantic.messages) <= 1  # its best hit alone, not the budget
     assert unrelated.semantic.tokens <= 40
+    best = (await baking.search("p", "i", UNRELATED, limit=1))[0].score
+    assert best < baking.settings.relevance_floor  # nothing stored is about it
 
     related = await baking.enrich("p", "i", chat(RELATED), store=False)
     assert FACT in [m.text for m in related.semantic.messages]
