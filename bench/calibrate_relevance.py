@@ -1,11 +1,11 @@
 """Calibrates `relevance_floor`: how similar a question must be to a scope for
-semantic memory to be injected at all.
+its semantic memory to be injected (below it: its best hit alone).
 
     python bench/calibrate_relevance.py --lme-data-dir /work/lme-data \\
         --locomo-data-dir /work/locomo-data
 
 Every question of both development splits (LoCoMo categories 1-4, LongMemEval_S)
-is embedded and compared, through `MemoryStore.nearest`, with its own scope and
+is compared (`Reservoir.search`, cosine, as the semantic retriever) with its own scope and
 with a foreign one (a deterministic derangement: LoCoMo questions go to the
 next conversation, LongMemEval questions to the next question's haystack, in
 file order). The feature is the best cosine similarity of the question to the
@@ -15,8 +15,9 @@ the lower of the two datasets' `--own-quantile` quantiles (default 2%) of the
 own-scope best similarities, rounded down to 0.01 (one value for both), with
 the share of own questions it keeps and of foreign ones it lets through.
 Check the choice with the benches (`--try 'f={"relevance_floor": F}'`):
-turn recall must stay within 0.01 of `relevance_floor=-1`. Reads the filled stores of the two benchmarks
-(`--data-dir` of bench/locomo.py and bench/longmemeval.py); fills nothing.
+turn recall must stay within 0.01 of `relevance_floor=-1`. Reads the filled
+stores of the two benchmarks (`--data-dir` of bench/locomo.py and
+bench/longmemeval.py); fills nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import anyio.to_thread
 import locomo
 import longmemeval
 import numpy as np
@@ -54,10 +54,9 @@ async def best_similarities(
     own: list[list[float]] = []
     foreign: list[list[float]] = []
     for text, mine, other in pairs:
-        vector = await memory._embed_one(text)  # the engine's own embedding of a query
         for scope, out in ((mine, own), (other, foreign)):
-            top = await anyio.to_thread.run_sync(memory.store.nearest, scope, vector, DEPTH)
-            out.append([s for _, s in top] or [-1.0])
+            top = await memory.search(scope.partition, scope.instance, text, limit=DEPTH)
+            out.append([h.score for h in top] or [-1.0])
     await memory.close()
     return own, foreign
 

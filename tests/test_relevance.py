@@ -57,9 +57,7 @@ async def test_an_unrelated_question_gets_almost_no_semantic_memory(baking: Rese
 
 
 async def test_the_floor_holds_across_a_partition(tmp_path: Path) -> None:
-    engine = Reservoir(
-        make_settings(tmp_path, recent_context_size=0, semantic_scope="partition")
-    )
+    engine = Reservoir(make_settings(tmp_path, recent_context_size=0, semantic_scope="partition"))
     await engine.add("p", "i", [{"role": r, "content": t} for r, t in BAKING[:6]])
     await engine.add("p", "j", [{"role": r, "content": t} for r, t in BAKING[6:]])
     unrelated = await engine.enrich("p", "k", chat(UNRELATED), store=False)
