@@ -39,6 +39,11 @@ window still takes its share of the token budget (by default at most a
 quarter of it, `recent_budget_share`). That is real behaviour and is reported
 as it is.
 
+Each question is also asked on the next conversation's scope (another
+user's memory; the conversations in order, a derangement): the mean semantic
+tokens injected there (recent memory not counted), next to those on its own
+scope, show whether unrelated memory fills the budget.
+
 "default" is the built-in default: dense (MiniLM) and lexical (BM25)
 candidates fused by reciprocal rank, filling the memory budget in rank order.
 Rows marked "comparison" change one or two settings of it (or restore the
@@ -558,6 +563,7 @@ class Outcome:
     latency_ms: float
     planned_ids: list[str]  # semantic messages before truncation, best unit first
     planned_hits: set[str]  # the retrieved hit of each unit (not its pair or neighbours)
+    foreign_semantic_tokens: int | None = None  # asked on another conversation's scope
 
     @property
     def injected(self) -> set[str]:
@@ -621,7 +627,48 @@ async def run_strategy(
                     {unit.hit_id for unit in units},
                 )
             )
+    others = foreign_scopes([c.instance for c in conversations])
+    asked = iter(outcomes)
+    for conversation, other in zip(conversations, others, strict=True):
+        for question, outcome in zip(conversation.questions[:limit], asked, strict=False):
+            if other is not None:
+                body = {"model": MODEL, "messages": [{"role": "user", "content": question.text}]}
+                result = await memory.enrich(PARTITION, other, body, store=False)
+                outcome.foreign_semantic_tokens = result.semantic.tokens
     return outcomes
+
+
+def foreign_scopes(instances: Sequence[str]) -> list[str | None]:
+    """For each scope, another one to ask its questions on (the next, in order:
+    a derangement); None with a single scope."""
+    if len(instances) < 2:
+        return [None] * len(instances)
+    return [instances[(i + 1) % len(instances)] for i in range(len(instances))]
+
+
+def foreign_table(results: dict[str, list[Any]], strategies: list[Strategy]) -> str:
+    """Mean semantic tokens (recent memory not counted) injected for a question on
+    its own scope and on another user's scope, and that second one against the budget."""
+    rows = []
+    for s in strategies:
+        out = results[s.key]
+        foreign = [o.foreign_semantic_tokens for o in out if o.foreign_semantic_tokens is not None]
+        if not foreign:
+            continue
+        budget = s.settings.get("context_token_budget", DEFAULT_BUDGET)
+        share = f"{mean(foreign) / budget:.1%}" if budget else "no budget"
+        rows.append(
+            [
+                s.label,
+                f"{mean([o.semantic_tokens for o in out]):.1f}",
+                f"{mean(foreign):.1f}",
+                share,
+            ]
+        )
+    if not rows:
+        return "(a single scope: no other user's scope to ask on)"
+    header = ["strategy", "own scope semantic tokens", "other scope semantic tokens", "of budget"]
+    return markdown_table(header, rows, "lrrr")
 
 
 async def dense_and_lexical_ranks(
@@ -965,6 +1012,8 @@ async def run(args: argparse.Namespace, data_dir: Path) -> str:
     notes = [f"- {s.label}: {s.note}" for s in strategies if s.note]
     if notes:
         out.append("strategies:\n" + "\n".join(notes) + "\n")
+    out.append("## Asked on another user's scope\n")
+    out.append(foreign_table(results, strategies) + "\n")
     out.append("## Where the injected tokens go\n")
     out.append(token_table(results, strategies) + "\n")
     out.append(

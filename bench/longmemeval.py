@@ -27,7 +27,9 @@ questions of the fraction of its `has_answer` turns whose whole text is in an
 injected message), session recall (the fraction of answer sessions of which
 some turn was injected), mean injected tokens (both sections, notes not
 included) and enrich latency (wall time, in process, one request at a time,
-each question asked once).
+each question asked once). Each question is also asked on the next question's
+scope (another user's memory): the mean semantic tokens injected there, next
+to those on its own scope, show whether unrelated memory fills the budget.
 
 The strategies are those of `bench/locomo.py` (same keys, same settings), so
 the two benchmarks measure the same defaults. RSV_* variables and the config
@@ -60,6 +62,8 @@ from locomo import (
     bench_main,
     build_reservoir,
     candidate_depth,
+    foreign_scopes,
+    foreign_table,
     mean,
     pick_strategies,
     strategy_table,
@@ -240,6 +244,7 @@ class Outcome:
     recent_count: int
     latency_ms: float
     planned: bool = False  # (diagnostics) every missed turn was among the planned ones
+    foreign_semantic_tokens: int | None = None  # asked on another question's scope
     missed_ranks: list[tuple[int | None, int | None, bool]] = field(default_factory=list)
 
     @property
@@ -309,6 +314,16 @@ async def run_strategy(
             if not ok
         ]
         outcomes.append(outcome)
+    for outcome, other in zip(
+        outcomes, foreign_scopes([q.instance for q in questions]), strict=True
+    ):
+        if other is not None:
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": outcome.question.text}],
+            }
+            result = await memory.enrich(PARTITION, other, body, store=False)
+            outcome.foreign_semantic_tokens = result.semantic.tokens
     await memory.close()
     return outcomes
 
@@ -498,6 +513,8 @@ async def run(args: argparse.Namespace, data_dir: Path) -> str:
     notes = [f"- {s.label}: {s.note}" for s in strategies if s.note]
     if notes:
         out.append("strategies:\n" + "\n".join(notes) + "\n")
+    out.append("## Asked on another user's scope\n")
+    out.append(foreign_table(results, strategies) + "\n")
     out.append("## Turn recall per question type\n")
     out.append(type_table(results, strategies) + "\n")
     out.append("## Where the injected tokens go\n")

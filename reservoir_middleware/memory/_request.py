@@ -33,6 +33,7 @@ from reservoir_middleware.memory._blocks import FOLLOWUP_SHARE, Carried, carried
 from reservoir_middleware.memory._chat import ChatRequest
 from reservoir_middleware.memory._deletions import Deletions
 from reservoir_middleware.memory._enrichment import Enrichment, TooLong
+from reservoir_middleware.memory._relevance import best_similarity, relevant
 from reservoir_middleware.memory._selection import (
     Hit,
     build_units,
@@ -310,7 +311,7 @@ class _Enriching:
         def excluded(record: MessageRecord) -> bool:
             return is_in_request(record) or record.id in recent_ids
 
-        fused = fuse(outcome.results)
+        fused, related = await self._relevant(query, fuse(outcome.results))
         if not fill:  # enough for the count after what is left out
             fused = fused[: query.semantic_depth]
         hits = [h for h in await self.path.resolve(fused) if not excluded(h.record)]
@@ -318,6 +319,7 @@ class _Enriching:
             hits = hits[: s.semantic_context_size]
         neighbours: dict[str, MessageRecord] = {}
         paired = hits[: s.semantic_context_size] if fill else hits  # bring their answers
+        paired = paired if related else []  # an unrelated question's lone hit: alone
         if paired and (s.pair_answers or s.synapse_neighbours):
             known = {h.record.id: h.record for h in hits}  # an answer is often a hit too
             for hit_scope, ids in neighbour_ids(paired).items():
@@ -342,6 +344,27 @@ class _Enriching:
             merge_system=s.merge_system_messages,
             instance=request.scope.instance,
         )
+
+    async def _relevant(self, query: RetrievalQuery, fused: list[Hit]) -> tuple[list[Hit], bool]:
+        """Little semantic memory for a question unrelated to what is stored
+        (`relevance_floor`), whichever plugins proposed the hits; True: related."""
+        if not fused or query.embedding is None:
+            return fused, True
+        best = best_similarity(fused)
+        if best is None:  # no dense candidate among them: the store's best
+            best = await anyio.to_thread.run_sync(_best_stored, self.path.store, query)
+        return relevant(fused, best, self.path.settings.relevance_floor)
+
+
+def _best_stored(store: MemoryStore, query: RetrievalQuery) -> float | None:
+    """The best dense similarity of the query to the scopes it searches."""
+    assert query.embedding is not None
+    found = [
+        similarity
+        for scope in query.search_scopes(store)
+        for _, similarity in store.nearest(scope, query.embedding, 1)
+    ]
+    return max(found, default=None)
 
 
 async def _count(message: Mapping[str, Any], model: str | None) -> int:
