@@ -79,15 +79,12 @@ from _harness import markdown_table, percentile
 from reservoir_middleware import Reservoir, ReservoirSettings, Scope, hookimpl
 from reservoir_middleware.builtins.lexical import LexicalRetrieval
 from reservoir_middleware.context import (
-    RECENT_NOTE,
-    SEMANTIC_NOTE,
     Candidate,
     ContextPlan,
     RetrievalQuery,
     TokenBudget,
 )
 from reservoir_middleware.memory.keywords import terms
-from reservoir_middleware.memory.tokens import count_message
 from reservoir_middleware.records import chained_id
 from reservoir_middleware.store import MemoryStore
 
@@ -103,10 +100,6 @@ REFERENCE = (
     "top 7 / 15 / 30 turns: dense 0.408 / 0.507 / 0.616, dense+BM25 RRF 0.493 / 0.578 / 0.673, "
     "most recent turns 0.005 / 0.018 / 0.043"
 )
-NOTE_TOKENS = {
-    "semantic": count_message({"role": "system", "content": SEMANTIC_NOTE}, MODEL),
-    "recent": count_message({"role": "system", "content": RECENT_NOTE}, MODEL),
-}
 DIA_ID = re.compile(r"D(\d+):(\d+)", re.IGNORECASE)
 
 # -- the dataset ------------------------------------------------------------------
@@ -564,6 +557,7 @@ class Outcome:
     planned_ids: list[str]  # semantic messages before truncation, best unit first
     planned_hits: set[str]  # the retrieved hit of each unit (not its pair or neighbours)
     foreign_semantic_tokens: int | None = None  # asked on another conversation's scope
+    block_tokens: int = 0  # the whole memory block as sent: lines, dates, notes, frame
 
     @property
     def injected(self) -> set[str]:
@@ -583,10 +577,8 @@ class Outcome:
 
     @property
     def note_tokens(self) -> int:
-        """The section notes, which count against the budget too."""
-        return (NOTE_TOKENS["semantic"] if self.semantic_ids else 0) + (
-            NOTE_TOKENS["recent"] if self.recent_ids else 0
-        )
+        """The block's frame, section notes and date lines, which count against the budget too."""
+        return max(0, self.block_tokens - self.tokens)
 
 
 async def run_strategy(
@@ -625,6 +617,7 @@ async def run_strategy(
                     elapsed,
                     [r.id for unit in units for r in unit.records],
                     {unit.hit_id for unit in units},
+                    block_tokens=result.memory_tokens,
                 )
             )
     others = foreign_scopes([c.instance for c in conversations])
@@ -780,7 +773,7 @@ def token_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -
         "recent msgs",
         "recent tokens",
         "recent share",
-        "notes tokens",
+        "frame, notes, dates",
         "budget left",
         "evidence via semantic",
         "evidence via recent",

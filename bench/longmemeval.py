@@ -56,7 +56,6 @@ from locomo import (
     BY_KEY,
     DEFAULT_BUDGET,
     MODEL,
-    NOTE_TOKENS,
     Strategy,
     add_common_arguments,
     bench_main,
@@ -245,6 +244,7 @@ class Outcome:
     latency_ms: float
     planned: bool = False  # (diagnostics) every missed turn was among the planned ones
     foreign_semantic_tokens: int | None = None  # asked on another question's scope
+    block_tokens: int = 0  # the whole memory block as sent: lines, dates, notes, frame
     missed_ranks: list[tuple[int | None, int | None, bool]] = field(default_factory=list)
 
     @property
@@ -261,9 +261,8 @@ class Outcome:
 
     @property
     def note_tokens(self) -> int:
-        return (NOTE_TOKENS["semantic"] if self.semantic_count else 0) + (
-            NOTE_TOKENS["recent"] if self.recent_count else 0
-        )
+        """The block's frame, section notes and date lines."""
+        return max(0, self.block_tokens - self.tokens)
 
 
 async def run_strategy(
@@ -307,6 +306,7 @@ async def run_strategy(
             len(result.semantic.messages),
             len(result.recent.messages),
             elapsed,
+            block_tokens=result.memory_tokens,
         )
         outcome.missed_ranks = [
             (None, None, t.content in planned)
@@ -411,7 +411,7 @@ def token_table(results: dict[str, list[Outcome]], strategies: list[Strategy]) -
         "semantic tokens",
         "recent msgs",
         "recent tokens",
-        "notes tokens",
+        "frame, notes, dates",
         "budget left",
     ]
     return markdown_table(header, rows, "lrrrrrr")

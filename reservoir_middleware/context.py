@@ -153,14 +153,21 @@ def line_parts(record: MessageRecord, instance: str | None) -> tuple[str, str]:
 
 
 def line_tokens(record: MessageRecord, instance: str | None, budget: TokenBudget) -> int:
-    """What a record's line costs in a block (its text's count is memoised)."""
+    """What a record's line costs in a block (its text's count is memoised): the
+    speaker without the space, which joins the text's first word, and a newline."""
     who, content = line_parts(record, instance)
-    return budget.text_tokens(who) + budget.text_tokens(content) + 1
+    return budget.text_tokens(who.rstrip()) + budget.text_tokens(content) + 1
+
+
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def memory_day(record: MessageRecord) -> str:
-    """The date a message was said, as the block shows it (UTC: the same on every replica)."""
-    return time.strftime("[%Y-%m-%d]", time.gmtime(record.timestamp))
+    """The date line of a message, "25 May 2023:" (6 tokens; "[2023-05-25]" takes
+    8), in UTC so that every replica writes the same bytes, with English month
+    names whatever the locale."""
+    day = time.gmtime(record.timestamp)
+    return f"{day.tm_mday} {MONTHS[day.tm_mon - 1]} {day.tm_year}:"
 
 
 def memory_block(

@@ -420,7 +420,7 @@ async def test_answers_come_with_the_best_hits_and_give_way_under_a_tight_budget
     assert len(report) > 4 and {m.role for m in report[4:]} == {"user"}
 
     def line(role: str, text: str) -> int:  # one line of the block
-        return count_text(f"{role}: ", "gpt-4o") + count_text(text, "gpt-4o") + 1
+        return count_text(f"{role}:", "gpt-4o") + count_text(text, "gpt-4o") + 1
 
     q = line("user", exchanges[0]["content"])
     a = line("assistant", exchanges[1]["content"])
@@ -482,17 +482,17 @@ def test_fill_order_recent_share_then_hits_and_answers_by_rank_then_older_recent
         return [r.id for u in out.semantic for r in u.records], [r.id for r in out.recent]
 
     everything = ["h1 one", "a1 one two", "h2 one two", "a2 one two three", "h3 one"]
-    # 60: the share (15) holds not even r3 (frame 5 + 13); every unit (32); then r3, r2; not r1
+    # 60: the share (15) holds r3 (its line 4, the note 7, a date line 4); the frame
+    # (5) is outside it; every unit (34: the note 6 and a date 4 with h1); r2; not r1
     assert kept(60) == (everything, ["r2 x x", "r3 x"])
     # 70: r1 gets the room semantic memory left
     assert kept(70) == (everything, ["r1 x x x", "r2 x x", "r3 x"])
-    # 45 at share 0.5: r3 (its line 4, the note 7, a date line 2, after the frame 5),
-    # h1 + a1, h2 (the note 6 and a date 2 with h1), then a2 (6) does not fit but h3
+    # 49 at share 0.35 (17): r3, not r2; h1 + a1, h2, then a2 (6) does not fit but h3
     # (4) does: a lower unit's answer gives way first, and a part that does not fit
     # does not stop the fill
-    assert kept(45, 0.5) == (["h1 one", "a1 one two", "h2 one two", "h3 one"], ["r3 x"])
+    assert kept(49, 0.35) == (["h1 one", "a1 one two", "h2 one two", "h3 one"], ["r3 x"])
     # share 1.0: the old order, the recent window first
-    assert kept(29, share=1.0) == ([], ["r1 x x x", "r2 x x", "r3 x"])
+    assert kept(31, share=1.0) == ([], ["r1 x x x", "r2 x x", "r3 x"])
     # share 0: memory first, the recent window only gets what is left
     assert kept(45, share=0.0) == (everything, [])
 

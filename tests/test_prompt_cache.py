@@ -135,10 +135,10 @@ async def test_each_request_starts_with_the_previous_one_through_reservoir_serve
         assert after[: len(before)] == before  # the whole previous request, byte for byte
     assert all(has_memory(r) for r in sent)
     first = content_text(sent[0][-1]["content"])
-    assert SISTER in first and "[2023-05-25]" in first  # the fact, with the day it was said
+    assert SISTER in first and "25 May 2023:" in first  # the fact, with the day it was said
     # the bike comes up on turn 3: it goes with that turn's message, dated
     third = content_text(sent[2][-1]["content"])
-    assert BIKE in third and "[2023-06-02]" in third and BIKE not in first
+    assert BIKE in third and "2 Jun 2023:" in third and BIKE not in first
     assert third.endswith(QUESTIONS[2])
     without = [history[: 2 * k + 2] for k in range(4)]  # as the client sent them
     assert prefix_share(sent) >= 0.9 * prefix_share(without)
@@ -229,6 +229,6 @@ async def test_imported_messages_keep_their_dates_in_memory(tmp_path: Path) -> N
         question = {"role": "user", "content": "When did I plant the apple trees?"}
         result = await memory.enrich("p", "i", {"model": "gpt-4o", "messages": [question]})
         block = content_text(result.body["messages"][-1]["content"])
-        assert "[2021-03-14]\nuser: I planted three apple trees behind the barn." in block
+        assert "14 Mar 2021:\nuser: I planted three apple trees behind the barn." in block
     finally:
         await memory.close()

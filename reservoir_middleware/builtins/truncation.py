@@ -129,7 +129,8 @@ def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
             days["recent"].add(memory_day(record))
             first_recent -= 1
 
-    take_recent(int(limit * budget.recent_share))
+    # the share is the section's own: the block's frame is paid once, outside it
+    take_recent(min(limit, int(limit * budget.recent_share) + costs.frame))
     present = {r.id for r in recent[first_recent:]}  # a hit among them is not repeated
     long = budget.long_message
     units = sorted(plan.semantic, key=lambda u: u.score, reverse=True)

@@ -35,11 +35,11 @@ FRESH_FAR = "I bought new running shoes last week."
 def one_fits(*texts: str) -> int:
     """A memory budget with room for the longest of these messages, not for two."""
     costs = sorted(  # a line of the memory block each
-        count_text("user: ", "gpt-4o") + count_text(t, "gpt-4o") + 1 for t in texts
+        count_text("user:", "gpt-4o") + count_text(t, "gpt-4o") + 1 for t in texts
     )
     frame = count_text(MEMORY_OPEN, "gpt-4o") + count_text(MEMORY_CLOSE, "gpt-4o") + 3
     note = count_text(SEMANTIC_NOTE, "gpt-4o") + 1
-    day = count_text("[2023-05-25]", "gpt-4o") + 1  # a date line
+    day = count_text("25 May 2023:", "gpt-4o") + 1  # a date line
     budget = frame + note + day + costs[-1]
     assert frame + note + day + costs[0] + costs[1] > budget
     return budget
