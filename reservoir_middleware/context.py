@@ -163,11 +163,27 @@ MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", 
 
 
 def memory_day(record: MessageRecord) -> str:
-    """The date line of a message, "25 May 2023:" (6 tokens; "[2023-05-25]" takes
-    8), in UTC so that every replica writes the same bytes, with English month
-    names whatever the locale."""
-    day = time.gmtime(record.timestamp)
-    return f"{day.tm_mday} {MONTHS[day.tm_mon - 1]} {day.tm_year}:"
+    """The day a message was said, "2023-05-25", in UTC: every replica groups
+    (and writes) the same."""
+    return time.strftime("%Y-%m-%d", time.gmtime(record.timestamp))
+
+
+def day_line(day: str, year_shown: bool) -> str:
+    """A date line, "25 May 2023:" (6 tokens), or "27 May:" (3) after a line of
+    the same year: a section is in date order. English month names whatever the
+    locale."""
+    year, month, mday = day.split("-")
+    label = f"{int(mday)} {MONTHS[int(month) - 1]}"
+    return f"{label}:" if year_shown else f"{label} {year}:"
+
+
+def day_lines(days: set[str]) -> list[str]:
+    """The date lines of a section that shows these days."""
+    lines, year = [], ""
+    for day in sorted(days):
+        lines.append(day_line(day, day[:4] == year))
+        year = day[:4]
+    return lines
 
 
 def memory_block(
@@ -182,11 +198,12 @@ def memory_block(
         if not records:
             continue
         lines.append(note)
-        day = ""
+        day = year = ""
         for record in records:
             if memory_day(record) != day:
                 day = memory_day(record)
-                lines.append(day)
+                lines.append(day_line(day, day[:4] == year))
+                year = day[:4]
             lines.append(memory_line(record, instance))
     lines.append(MEMORY_CLOSE)
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from reservoir_middleware.context import (
 )
 from reservoir_middleware.records import content_text
 
-DAY = re.compile(r"^\d{1,2} [A-Z][a-z]{2} \d{4}:$")
+DAY = re.compile(r"^\d{1,2} [A-Z][a-z]{2}( \d{4})?:$")
 SPEAKER = re.compile(r"^(\[instance [^\]]*\] )?(user|assistant)( \([^)]*\))?: ")
 
 

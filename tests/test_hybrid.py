@@ -25,6 +25,7 @@ from reservoir_middleware.context import (
     ContextPlan,
     MemoryUnit,
     TokenBudget,
+    day_line,
     memory_day,
 )
 from reservoir_middleware.memory._selection import RRF_K, fuse
@@ -426,7 +427,8 @@ async def test_answers_come_with_the_best_hits_and_give_way_under_a_tight_budget
     a = line("assistant", exchanges[1]["content"])
     frame = count_text(MEMORY_OPEN, "gpt-4o") + count_text(MEMORY_CLOSE, "gpt-4o") + 3
     note = count_text(SEMANTIC_NOTE, "gpt-4o") + 1
-    day = count_text(memory_day(MessageRecord("x", "p", "i", "user", "")), "gpt-4o") + 1
+    today = memory_day(MessageRecord("x", "p", "i", "user", ""))
+    day = count_text(day_line(today, year_shown=False), "gpt-4o") + 1
     # the best unit, one more hit, not its answer
     budget = frame + note + day + q + a + q + min(q, a) - 1
     tight = Reservoir(make_settings(tmp_path, **alone, context_token_budget=budget))

@@ -31,6 +31,7 @@ from reservoir_middleware.context import (
     SEMANTIC_NOTE,
     ContextPlan,
     TokenBudget,
+    day_lines,
     line_tokens,
     memory_day,
 )
@@ -91,8 +92,13 @@ class _Costs:
         return sum(self.lines[r.id] for r in records)
 
     def days(self, days: set[str]) -> int:
-        """Date lines: one per day a section shows."""
-        return sum(self.budget.text_tokens(day) + 1 for day in days)
+        """A section's date lines: one per day it shows."""
+        return sum(self.budget.text_tokens(line) + 1 for line in day_lines(days))
+
+    def more_days(self, shown: set[str], new: set[str]) -> int:
+        """What `new` days add to a section that shows `shown` (the year is
+        written once: a day of a new year costs its full line)."""
+        return self.days(shown | new) - self.days(shown) if new else 0
 
     def section(self, records: list[MessageRecord], section: str) -> int:
         """A whole section: its note, its lines, a date line per day."""
@@ -113,7 +119,7 @@ def fill_budget(plan: ContextPlan, budget: TokenBudget) -> ContextPlan:
     def extra(records: list[MessageRecord], section: str, first: bool) -> int:
         new_days = {memory_day(r) for r in records} - days[section]
         note = costs.note[section] if first else 0
-        return costs.of(records) + costs.days(new_days) + note
+        return costs.of(records) + costs.more_days(days[section], new_days) + note
 
     recent = plan.recent
     first_recent = len(recent)  # recent[first_recent:] is kept
