@@ -171,6 +171,11 @@ class Storage(MemoryStore, Protocol):
         nothing the caller may count on: the call is made again."""
         ...
 
+    def expired(self, scope: Scope, before: float) -> list[str]:
+        """The ids of the scope's messages whose `timestamp` is older than `before`
+        (seconds since 1970): what retention removes."""
+        ...
+
     def tail(self, scope: Scope) -> Tail:
         """The next sequence number, the last message and its embedding."""
         ...

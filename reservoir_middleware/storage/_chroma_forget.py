@@ -6,7 +6,10 @@ scope is rebuilt without those messages: the other rows (text, metadata and
 embedding as stored) and their passages are copied into side collections,
 the old collections are erased and deleted as a scope delete does
 (`_scrub.erase`, then their index directories go), and the side collections
-are renamed into place. The cost follows the scope's size.
+are renamed into place; last, `chroma.sqlite3` is rewritten with its live
+rows only (`_scrub.compact`, a VACUUM): Chroma's own deletes, of its write
+queue for one, leave bytes in pages still in use. The cost follows the
+scope's size, then the file's.
 
 An interruption leaves either the old collections (the side ones, partial,
 are dropped by the next rebuild of the scope) or the side ones alone (the
@@ -29,7 +32,7 @@ from reservoir_middleware.storage._chroma_rows import (
     collection_name,
     passages_name,
 )
-from reservoir_middleware.storage._scrub import erase, remove_segments
+from reservoir_middleware.storage._scrub import compact, erase, remove_segments
 from reservoir_middleware.store import PAGE
 
 SIDE_PREFIX = "rsvfgt-"  # not COLLECTION_PREFIX: a rebuild under way is no scope
@@ -131,4 +134,6 @@ def rebuild_without(
     drop(client, data_dir, name)  # first: its side copy is then the whole truth
     drop(client, data_dir, pname)
     finish(client, data_dir, scope)
+    if data_dir is not None:  # what Chroma's own deletes left in pages in use
+        compact(data_dir)
     return present

@@ -240,6 +240,11 @@ class ChromaStore:
         finally:
             self.forget(scope)
 
+    @_retry_if_deleted
+    def expired(self, scope: Scope, before: float) -> list[str]:
+        col = self.collection(scope)
+        return [] if col is None else rows.expired(col, before)
+
     # -- reads -----------------------------------------------------------------
 
     @_retry_if_deleted

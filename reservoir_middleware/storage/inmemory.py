@@ -151,6 +151,9 @@ class InMemoryStore:
                 del self._scopes[scope]
             return present
 
+    def expired(self, scope: Scope, before: float) -> list[str]:
+        return [r.id for r, _ in self._rows(scope) if r.timestamp < before]
+
     # -- reads -----------------------------------------------------------------------------
 
     def _readable(self, scope: Scope) -> _Scope | None:
