@@ -162,12 +162,12 @@ class Storage(MemoryStore, Protocol):
         """The `reservoir_delete` hook: forget a scope for good; raising fails the delete."""
         ...
 
-    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[str]:
+    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
         """Forget these messages of a scope for good (a retention sweep, `Reservoir.
         forget`): their text, vectors and passages, with no trace left where the
         store keeps its data (as `reservoir_delete` leaves none); the others stay
         as they are (links to a removed id are left: reads by id leave it out).
-        Returns the ids it held, in the order asked; a scope left empty is deleted. Raising removes
+        Returns the records it held, as they were, in the order asked; a scope left empty is deleted. Raising removes
         nothing the caller may count on: the call is made again."""
         ...
 

@@ -4,6 +4,7 @@ that holds it is in flight, through the admin endpoint and the CLI."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from reservoir_middleware import Reservoir
 from reservoir_middleware.records import Answer
 from reservoir_middleware.storage.inmemory import InMemoryStore
 from tests.conftest import GatewayFactory, make_settings
+from tests.test_cli_memory import FACTS as CLI_FACTS
+from tests.test_cli_memory import env as env  # noqa: F401 (the fixture: embedded, server)
+from tests.test_cli_memory import ingest_facts, partition, run
 from tests.test_deletion import files_holding
 from tests.test_passages import LONG_ANSWER
 
@@ -180,3 +184,24 @@ async def test_the_admin_endpoint_forgets_one_message(gateway_factory: GatewayFa
         assert [m["text"] for m in recent.json()["messages"]] == [
             text for fact in FACTS[1:] for text in (fact, f"Echo: {fact}")
         ]
+
+
+def test_the_cli_forgets_one_message(env: dict[str, str]) -> None:
+    """`reservoir forget ID` with the id `reservoir search --json` gives, on embedded
+    Chroma and on a `chroma run` server."""
+    ingest_facts(env)
+    p = partition(env)
+    found = run(env, "search", "rescue greyhound", "-p", p, "-i", "alice", "--json").stdout
+    target = json.loads(found.splitlines()[0])
+    assert target["text"] == CLI_FACTS[0][1]
+    done = run(env, "forget", target["id"], "-p", p, "-i", "alice")
+    assert done.returncode == 0, done.stderr
+    assert "forgot 1 message" in done.stdout and CLI_FACTS[0][1] in done.stdout
+    again = run(env, "forget", target["id"], "-p", p, "-i", "alice")
+    assert again.returncode == 1 and f"holds no message {target['id']}" in again.stderr
+    view = run(env, "view", "10", "-p", p, "-i", "alice").stdout.splitlines()
+    assert len(view) == 3 and not any(CLI_FACTS[0][1] in line for line in view)
+    left = run(env, "search", "greyhound", "-p", p, "-i", "alice", "--json").stdout
+    assert [json.loads(line)["text"] for line in left.splitlines()] == [CLI_FACTS[1][1]]
+    if "RSV_CHROMA_URL" not in env:
+        assert files_holding(Path(env["RSV_DATA_DIR"]), CLI_FACTS[0][1].encode()) == []

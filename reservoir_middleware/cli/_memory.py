@@ -188,11 +188,7 @@ async def delete(args: argparse.Namespace) -> int:
 
 
 async def forget(args: argparse.Namespace) -> int:
-    reservoir = engine()
-    try:
-        record = await reservoir.forget(args.partition, args.instance, args.id)
-    finally:
-        await reservoir.close()
+    record = await engine().forget(args.partition, args.instance, args.id)
     if record is None:
         print(
             f"reservoir forget: {args.partition}/{args.instance} holds no message {args.id}",
@@ -209,10 +205,7 @@ async def forget(args: argparse.Namespace) -> int:
 
 async def retention(args: argparse.Namespace) -> int:
     reservoir = engine()
-    try:
-        found = await reservoir.retention(apply=args.apply)
-    finally:
-        await reservoir.close()
+    found = await reservoir.retention(apply=args.apply)
     settings = reservoir.settings
     if not settings.retention_days and not any(
         p.retention_days for p in settings.partitions.values()

@@ -75,15 +75,13 @@ class Forgetting:
         """Remove these messages of the scope for good; returns those it held."""
         await anyio.to_thread.run_sync(self.store.open)  # reachable (and ours)
         await self.writes.settle(scope, timeout=30)  # what this process queued goes first
+        gone = list(dict.fromkeys(ids))
         async with self.writes.scope_lock(scope):
-            found = await anyio.to_thread.run_sync(self.store.get, scope, list(ids))
-            if not found:
-                return []
-            gone = [r.id for r in found]
+            # recorded first (an id only in flight elsewhere too: it is not written)
             record = self.deletions.record
             deletion = await anyio.to_thread.run_sync(record, scope.partition, scope.instance, gone)
             self.writes.inflight.forget(deletion)
-            await anyio.to_thread.run_sync(self.store.remove_messages, scope, gone)
+            found = await anyio.to_thread.run_sync(self.store.remove_messages, scope, gone)
         self.writes.forgotten(deletion)
         await anyio.to_thread.run_sync(self.dead_letters.purge_messages, set(gone))
         if self.journal.enabled:  # the journal's copies, this process's and orphans

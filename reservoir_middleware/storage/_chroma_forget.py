@@ -26,7 +26,8 @@ from typing import Any
 
 from chromadb.errors import NotFoundError
 
-from reservoir_middleware.records import Scope
+from reservoir_middleware.records import MessageRecord, Scope
+from reservoir_middleware.storage import _chroma_rows as rows
 from reservoir_middleware.storage._chroma_rows import (
     COLLECTION_PREFIX,
     collection_name,
@@ -106,9 +107,9 @@ def _copy(source: Any, target: Any, skip: Any, step: int, *, documents: bool) ->
 
 def rebuild_without(
     client: Any, data_dir: Path | None, scope: Scope, ids: Sequence[str], step: int
-) -> list[str]:
+) -> list[MessageRecord]:
     """Rebuild the scope without the messages `ids` (and their passages);
-    returns those it held. `data_dir`: embedded Chroma's (erase the old
+    returns those it held, as they were. `data_dir`: embedded Chroma's (erase the old
     collections' bytes), None for a Chroma server. A scope left empty is
     deleted whole."""
     finish(client, data_dir, scope)
@@ -117,11 +118,11 @@ def rebuild_without(
     if source is None or not ids:
         return []
     asked = list(dict.fromkeys(ids))
-    found = set(source.get(ids=asked, include=[])["ids"])
-    present = [i for i in asked if i in found]  # in the order asked
+    found = {r.id: r for r in rows.by_ids(source, asked)}
+    present = [found[i] for i in asked if i in found]  # in the order asked
     if not present:
         return []
-    gone = set(present)
+    gone = set(found)
     if source.count() > len(gone):
         target = client.create_collection(side, metadata=_metadata(source), embedding_function=None)
         _copy(source, target, lambda id_, _m: id_ in gone, step, documents=True)

@@ -230,7 +230,7 @@ class ChromaStore:
                 remove_segments(self.data_dir, segments)
         self.forget(scope)
 
-    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[str]:
+    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
         """Rebuild the scope without these messages (`_chroma_forget`): embedded,
         their text and vectors are erased from the disk as a scope delete erases."""
         self.forget(scope)

@@ -138,15 +138,14 @@ class InMemoryStore:
         with self._lock:
             self._scopes.pop(scope, None)
 
-    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[str]:
+    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
         with self._lock:
             kept = self._scopes.get(scope)
             if kept is None:
                 return []
-            present = [i for i in dict.fromkeys(ids) if i in kept.rows]
-            for id_ in present:
-                del kept.rows[id_]
-                kept.passages.pop(id_, None)
+            present = [kept.rows.pop(i)[0] for i in dict.fromkeys(ids) if i in kept.rows]
+            for record in present:
+                kept.passages.pop(record.id, None)
             if not kept.rows:
                 del self._scopes[scope]
             return present
