@@ -167,8 +167,8 @@ class Storage(MemoryStore, Protocol):
         forget`): their text, vectors and passages, with no trace left where the
         store keeps its data (as `reservoir_delete` leaves none); the others stay
         as they are (links to a removed id are left: reads by id leave it out).
-        Returns the records it held, as they were, in the order asked; a scope left empty is deleted. Raising removes
-        nothing the caller may count on: the call is made again."""
+        Returns the records it held, as they were, in the order asked; a scope
+        left empty is deleted. Raising may leave some removed: call it again."""
         ...
 
     def expired(self, scope: Scope, before: float) -> list[str]:

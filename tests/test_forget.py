@@ -16,7 +16,7 @@ from reservoir_middleware.records import Answer
 from reservoir_middleware.storage.inmemory import InMemoryStore
 from tests.conftest import GatewayFactory, make_settings
 from tests.test_cli_memory import FACTS as CLI_FACTS
-from tests.test_cli_memory import env as env  # noqa: F401 (the fixture: embedded, server)
+from tests.test_cli_memory import env as env  # (the fixture: embedded, server)
 from tests.test_cli_memory import ingest_facts, partition, run
 from tests.test_deletion import files_holding
 from tests.test_passages import LONG_ANSWER
