@@ -205,6 +205,7 @@ def add_memory_commands(commands: Any) -> None:
     mode = retention.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", dest="apply", action="store_false", help="only count (default)")
     mode.add_argument("--apply", dest="apply", action="store_true", help="remove them")
+    retention.set_defaults(apply=False)
 
     stats = command(
         "stats",
