@@ -205,3 +205,39 @@ def test_the_cli_forgets_one_message(env: dict[str, str]) -> None:
     assert [json.loads(line)["text"] for line in left.splitlines()] == [CLI_FACTS[1][1]]
     if "RSV_CHROMA_URL" not in env:
         assert files_holding(Path(env["RSV_DATA_DIR"]), CLI_FACTS[0][1].encode()) == []
+
+
+async def test_another_process_on_a_chroma_server_does_not_store_it_again(
+    tmp_path: Path, chroma_server: str
+) -> None:
+    """Two engines (as two gateway workers) share a data directory and a Chroma
+    server: one forgets a message that an exchange in flight at the other re-sends."""
+    marker = f"zebra{secrets.token_hex(6)}"
+    partition = f"fw{tmp_path.name[-10:]}".replace("-", "")
+    settings = make_settings(tmp_path, chroma_url=chroma_server)
+    worker, admin = Reservoir(settings), Reservoir(settings)
+    try:
+        first = [
+            {"role": "user", "content": f"Remember the code word {marker}."},
+            {"role": "assistant", "content": "Noted."},
+        ]
+        await worker.add(partition, "i", first)
+        body = {
+            "model": "gpt-4o",
+            "messages": [*first, {"role": "user", "content": "What is the capital of Peru?"}],
+        }
+        enriched = await worker.enrich(partition, "i", body, store="with_answer")
+        (hit,) = await admin.search(partition, "i", marker, semantic=False, limit=1)
+        assert await admin.forget(partition, "i", hit.record.id) is not None
+        stored = worker.record_answer(enriched, Answer(content="Lima."))
+        await worker.settle()
+        await stored
+        for engine in (worker, admin):
+            texts = [r.text for r in await engine.recent(partition, "i", limit=100)]
+            assert texts == ["Noted.", "What is the capital of Peru?", "Lima."]
+            hits = await engine.search(partition, "i", marker, semantic=False)
+            assert all(marker not in h.record.text for h in hits)
+        assert files_holding(settings.data_dir, marker.encode()) == []  # (its journal)
+    finally:
+        await worker.close()
+        await admin.close()
