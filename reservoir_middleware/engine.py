@@ -300,21 +300,15 @@ class Reservoir:
         return len(scopes)
 
     async def forget(self, partition: str, instance: str, message_id: str) -> MessageRecord | None:
-        """Forget one message of a scope (an id `search` gave) for good; returns it,
-        or None when the scope holds no such message.
-
-        As `delete` for a scope: recorded first, so that no exchange that began
-        before stores it again, in any process; then removed from the store with
-        no trace where it keeps its data, and from the journal and dead letters.
-        The scope's other messages stay as they are."""
+        """Forget one message (an id `search` gave) as `delete` forgets a scope, the
+        others staying as they are; returns it (None: the scope holds no such id)."""
         scope = checked_scope(partition, instance)
         found = await self._forgetting.forget(scope, [str(message_id)])
         return found[0] if found else None
 
     async def retention(self, *, apply: bool = True) -> list[Expired]:
-        """Remove (`apply`), or only count, the messages older than their partition's
-        `retention_days`, as `forget` removes them; per scope what was found.
-        The engine also does it by itself, at start and then hourly."""
+        """Remove (`apply`) or count the messages older than their partition's
+        `retention_days`, as `forget` does; the engine also runs it hourly."""
         return await self._forgetting.sweep(apply=apply)
 
     def _forget_indexes(self, scope: Scope) -> None:

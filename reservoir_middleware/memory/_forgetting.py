@@ -38,6 +38,7 @@ from reservoir_middleware.store import Storage
 
 RETENTION_EVERY_S = 3600.0  # between two sweeps of the background task
 SCOPE_PAUSE_S = 0.05  # between two scopes of a sweep: requests and writes go first
+QUIET_WAIT_S = 10.0
 DAY_S = 86400.0
 
 
@@ -113,10 +114,20 @@ class Forgetting:
             old = await anyio.to_thread.run_sync(self.store.expired, scope, cutoff)
             if not old:
                 continue
+            await self._writes_first()
             removed = len(await self.forget(scope, old)) if apply else 0
             found.append(Expired(scope, days, len(old), removed))
             await asyncio.sleep(SCOPE_PAUSE_S)
         return found
+
+    async def _writes_first(self) -> None:
+        """Queued writes (which requests may wait for) go before a scope is rebuilt:
+        the sweep waits for this loop's write queue to empty, up to `QUIET_WAIT_S`."""
+        lane = self.writes.lane()
+        for _ in range(int(QUIET_WAIT_S / SCOPE_PAUSE_S)):
+            if not lane.backlog:
+                return
+            await asyncio.sleep(SCOPE_PAUSE_S)
 
     def start(self, every: float = RETENTION_EVERY_S) -> None:
         """The background sweeps (when retention is configured), on this loop."""

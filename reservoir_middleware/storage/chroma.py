@@ -231,8 +231,7 @@ class ChromaStore:
         self.forget(scope)
 
     def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
-        """Rebuild the scope without these messages (`_chroma_forget`): embedded,
-        their text and vectors are erased from the disk as a scope delete erases."""
+        """The scope rebuilt without them, their bytes erased (`_chroma_forget`)."""
         self.forget(scope)
         data_dir = self.data_dir if self.chroma_url is None else None
         try:
