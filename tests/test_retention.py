@@ -57,8 +57,8 @@ async def test_a_sweep_removes_what_is_past_retention_without_a_trace(
         assert len(await texts_of(engine, "p")) == 3
 
         done = await engine.retention()
-        rows = {(r.scope.partition, r.expired, r.removed) for r in done}
-        assert rows == {("p", 1, 1), ("short", 2, 2), ("old", 1, 1)}
+        removed = {(r.scope.partition, r.expired, r.removed) for r in done}
+        assert removed == {("p", 1, 1), ("short", 2, 2), ("old", 1, 1)}
         assert await texts_of(engine, "p") == [aged["p"]["10"], aged["p"]["0"]]
         assert await texts_of(engine, "short") == [aged["short"]["0"]]
         assert await texts_of(engine, "keep-a") == list(aged["keep-a"].values())
