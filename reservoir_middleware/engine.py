@@ -32,6 +32,8 @@ from reservoir_middleware.memory._deletions import Deletions, now
 from reservoir_middleware.memory._enrichment import Enrichment as Enrichment
 from reservoir_middleware.memory._enrichment import TooLong as TooLong
 from reservoir_middleware.memory._exchange import Exchanges
+from reservoir_middleware.memory._forgetting import Expired as Expired
+from reservoir_middleware.memory._forgetting import Forgetting
 from reservoir_middleware.memory._journal import Journal
 from reservoir_middleware.memory._lane import WriteJob, WriteLane
 from reservoir_middleware.memory._mode import narrow, parse_mode, policy_mode, reads, writes
@@ -138,6 +140,10 @@ class Reservoir:
             dead_letters=self.dead_letters,
             locks_dir=s.data_dir / "locks",
             delay=s.write_delay_ms / 1000,
+        )
+        self._writes.on_forgotten = self._forget_indexes
+        self._forgetting = Forgetting(
+            s, self.store, self._writes, self.deletions, self._journal, self.dead_letters
         )
         self._exchanges = Exchanges(self._writes, self._journal, self.deletions, self.hooks)
         in_flight = self._writes.inflight.of
@@ -312,6 +318,24 @@ class Reservoir:
         await anyio.to_thread.run_sync(self.dead_letters.purge, partition, instance)
         return len(scopes)
 
+    async def forget(self, partition: str, instance: str, message_id: str) -> MessageRecord | None:
+        """Forget one message (an id `search` gave) as `delete` forgets a scope, the
+        others staying as they are; returns it (None: the scope holds no such id)."""
+        scope = checked_scope(partition, instance)
+        found = await self._forgetting.forget(scope, [str(message_id)])
+        return found[0] if found else None
+
+    async def retention(self, *, apply: bool = True) -> list[Expired]:
+        """Remove (`apply`) or count the messages older than their partition's
+        `retention_days`, as `forget` does; the engine also runs it hourly."""
+        return await self._forgetting.sweep(apply=apply)
+
+    def _forget_indexes(self, scope: Scope) -> None:
+        """Some messages of the scope were forgotten: the BM25 indexes built of it go."""
+        for plugin in self.plugin_manager.get_plugins():
+            if isinstance(plugin, LexicalRetrieval):
+                plugin.forget(scope)
+
     async def import_records(self, batch: Sequence[Exported]) -> tuple[int, int]:
         """Store exported records as they are (ids, links, times kept), after what
         their scopes have queued; returns (written, already stored). Vectors are
@@ -346,6 +370,7 @@ class Reservoir:
         it at shutdown."""
         await self._journal.settle(timeout)  # (redaction) journalled before anything is given up
         await self.settle(timeout=timeout)
+        await self._forgetting.stop()
         await self._writes.stop()  # its writer must not restart the child after it stops
         await anyio.to_thread.run_sync(self.store.close)
         # what was made meanwhile with the app's umask (by inline Chroma, a plugin) is tightened
@@ -394,6 +419,7 @@ class Reservoir:
         if not self._recovered:
             self._recovered = True
             await self._journal.recover(self._writes.enqueue)
+        self._forgetting.start()  # retention: in the background, hourly
 
     async def _embed_one(self, text: str) -> list[float]:
         vectors = await anyio.to_thread.run_sync(self.embedder, [text])

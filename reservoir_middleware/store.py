@@ -162,6 +162,20 @@ class Storage(MemoryStore, Protocol):
         """The `reservoir_delete` hook: forget a scope for good; raising fails the delete."""
         ...
 
+    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
+        """Forget these messages of a scope for good (a retention sweep, `Reservoir.
+        forget`): their text, vectors and passages, with no trace left where the
+        store keeps its data (as `reservoir_delete` leaves none); the others stay
+        as they are (links to a removed id are left: reads by id leave it out).
+        Returns the records it held, as they were, in the order asked; a scope
+        left empty is deleted. Raising may leave some removed: call it again."""
+        ...
+
+    def expired(self, scope: Scope, before: float) -> list[str]:
+        """The ids of the scope's messages whose `timestamp` is older than `before`
+        (seconds since 1970): what retention removes."""
+        ...
+
     def tail(self, scope: Scope) -> Tail:
         """The next sequence number, the last message and its embedding."""
         ...

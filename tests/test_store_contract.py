@@ -277,3 +277,41 @@ def test_passages_lift_their_message_and_are_no_messages(filled: Storage) -> Non
     assert filled.nearest(SCOPE, asked, 3)[0][1] == pytest.approx(
         float(np.dot(vectors(["Thanks, that is all for today."])[0], asked)), abs=1e-3
     )
+
+
+def test_remove_messages_forgets_those_only_with_their_passages(filled: Storage) -> None:
+    """A removed message is gone from every read (its passages too); the others
+    stay as they were, vectors included; links to it are left; an empty scope goes."""
+    long = replace(records()[0], id="i-6", seq=6, role="assistant", text=LONG_ANSWER)
+    (pieces,) = embedder().split_passages([LONG_ANSWER])
+    own, *more = vectors([LONG_ANSWER, *pieces])
+    filled.reservoir_store(SCOPE, [long], [own], [more])
+    assert filled.documents(SCOPE, 0, 100)  # (Chroma: its in-memory copy loaded)
+    (asked,) = vectors([QUESTION])
+    before = {r.id: v for page in filled.pages(SCOPE, embeddings=True) for r, v in page}
+
+    removed = filled.remove_messages(SCOPE, ["i-6", "i-2", "nope"])
+    assert removed == [long, records()[2]]
+    assert filled.remove_messages(SCOPE, ["i-2"]) == []
+    kept = ["i-0", "i-1", "i-3", "i-4", "i-5"]
+    assert [r.id for r in filled.recent(SCOPE, 100)] == kept
+    assert filled.count(SCOPE) == 5
+    assert filled.get(SCOPE, ["i-2", "i-3", "i-6"]) == [records()[3]]
+    assert filled.existing_ids(SCOPE, ["i-2", "i-3"]) == {"i-3"}
+    assert sorted(i for i, _ in filled.documents(SCOPE, 0, 100)) == kept
+    assert filled.keyword(SCOPE, [records()[2].text[:12]], 10) == []
+    assert all(i in kept for i, _ in filled.nearest(SCOPE, asked, 10))
+    assert [r.id for r, _ in filled.query(SCOPE, asked, 10)] == [
+        i for i, _ in filled.nearest(SCOPE, asked, 10)
+    ]
+    after = {r.id: v for page in filled.pages(SCOPE, embeddings=True) for r, v in page}
+    assert sorted(after) == kept
+    for id_, vector in after.items():
+        assert vector == pytest.approx(before[id_], abs=1e-6)
+    assert filled.get(SCOPE, ["i-3"])[0].before_id == "i-2"  # left: reads leave it out
+    assert filled.tail(SCOPE)[0] == 6
+    assert filled.scopes() == [SCOPE, Scope("p", "j"), Scope("q", "i")]
+
+    assert [r.id for r in filled.remove_messages(Scope("p", "j"), ["j-0"])] == ["j-0"]
+    assert filled.scopes() == [SCOPE, Scope("q", "i")]
+    assert filled.remove_messages(Scope("p", "gone"), ["x"]) == []

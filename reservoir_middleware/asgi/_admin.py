@@ -4,6 +4,7 @@
     GET    …/v1/partition/{p}/instance/{i}/memory/recent?limit=
     GET    …/v1/partition/{p}/instance/{i}/memory/export        (JSON Lines, streamed)
     DELETE …/v1/partition/{p}/instance/{i}/memory
+    DELETE …/v1/partition/{p}/instance/{i}/memory/messages/{id}   (one message, by its id)
 
 Every call needs `Authorization: Bearer ADMIN_KEY` (or `X-Reservoir-Admin-Key`).
 Without an admin key these paths do not exist here: they reach the wrapped app.
@@ -29,7 +30,7 @@ from reservoir_middleware.storage.transfer import export_lines
 
 _ADMIN = re.compile(
     r"^(?P<prefix>.*?)/v1/partition/(?P<p>[^/]*)/instance/(?P<i>[^/]*)"
-    r"/memory(?P<action>/search|/recent|/export)?/?$"
+    r"/memory(?P<action>/search|/recent|/export|/messages/(?P<m>[^/]+))?/?$"
 )
 MAX_LIMIT = 1000
 
@@ -37,7 +38,8 @@ MAX_LIMIT = 1000
 @dataclass(frozen=True)
 class AdminRoute:
     memory: Scope
-    action: str  # "search", "recent", "export" or "delete"
+    action: str  # "search", "recent", "export", "delete" or "forget"
+    message: str | None = None  # the message to forget
 
 
 def match_admin_route(method: str, raw_path: bytes) -> AdminRoute | None:
@@ -45,6 +47,11 @@ def match_admin_route(method: str, raw_path: bytes) -> AdminRoute | None:
     if found is None:
         return None
     action = (found["action"] or "").lstrip("/")
+    if found["m"] is not None:
+        if method != "DELETE":
+            return None
+        memory = Scope(decode_name("partition", found["p"]), decode_name("instance", found["i"]))
+        return AdminRoute(memory, "forget", decode_name("message id", found["m"]))
     if (method, action) not in {
         ("GET", "search"),
         ("GET", "recent"),
@@ -88,6 +95,14 @@ async def serve_admin(
         elif route.action == "export":
             lines = export_lines(reservoir.store, [memory])
             response = StreamingResponse(_encoded(lines), media_type="application/x-ndjson")
+        elif route.action == "forget":
+            assert route.message is not None
+            record = await reservoir.forget(memory.partition, memory.instance, route.message)
+            if record is None:
+                message = f"no message {route.message!r} in {memory.partition}/{memory.instance}"
+                await send_error(send, 404, "not_found", message)
+                return
+            response = JSONResponse({"forgotten": record.to_dict()})
         else:
             deleted = await reservoir.delete(memory.partition, memory.instance)
             response = JSONResponse({"deleted": deleted})
@@ -95,7 +110,7 @@ async def serve_admin(
         await send_error(send, 400, "invalid_request", str(exc))
         return
     except RuntimeError as exc:  # a delete the store could not do (its text stays)
-        if route.action != "delete":
+        if route.action not in ("delete", "forget"):
             raise
         await send_error(send, 500, "delete_failed", str(exc))
         return

@@ -187,6 +187,45 @@ async def delete(args: argparse.Namespace) -> int:
     return 0
 
 
+async def forget(args: argparse.Namespace) -> int:
+    record = await engine().forget(args.partition, args.instance, args.id)
+    if record is None:
+        print(
+            f"reservoir forget: {args.partition}/{args.instance} holds no message {args.id}",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps({"forgotten": record.to_dict()}, ensure_ascii=False))
+    else:
+        print(f"forgot 1 message of {args.partition}/{args.instance}:")
+        print(show(record))
+    return 0
+
+
+async def retention(args: argparse.Namespace) -> int:
+    reservoir = engine()
+    found = await reservoir.retention(apply=args.apply)
+    settings = reservoir.settings
+    if not settings.retention_days and not any(
+        p.retention_days for p in settings.partitions.values()
+    ):
+        print("no retention set (retention_days = 0: messages are kept for ever)")
+        return 0
+    verb = "removed" if args.apply else "would remove"
+    for row in found:
+        count = row.removed if args.apply else row.expired
+        print(
+            f"  {row.scope.partition}/{row.scope.instance}: {verb} {count} message(s) "
+            f"older than {row.retention_days:g} day(s)"
+        )
+    total = sum(r.removed if args.apply else r.expired for r in found)
+    print(f"{verb} {total} message(s) in {len(found)} scope(s)")
+    if not args.apply and total:
+        print("run with --apply to remove them")
+    return 0
+
+
 def stats_of(reservoir: Reservoir) -> dict[str, Any]:
     """What `reservoir stats` shows: the store's figures and what is set aside."""
     return maintenance.stats(reservoir.store, dead_letters=reservoir.dead_letters.count())
@@ -252,6 +291,8 @@ COMMANDS: dict[str, Any] = {
     "export": export,
     "import": import_,
     "delete": delete,
+    "forget": forget,
+    "retention": retention,
     "stats": stats,
     "replay": replay,
     "plugins": plugins,

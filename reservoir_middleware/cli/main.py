@@ -183,6 +183,30 @@ def add_memory_commands(commands: Any) -> None:
     _scope_options(delete, required=True)
     delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
+    forget = command(
+        "forget",
+        "forget one message",
+        "Remove one stored message for good (its id: `reservoir search --json`); "
+        "the other messages of the partition/instance stay.",
+        "reservoir forget 9f86d081884c7d659a2feaa0c55ad015 -p acme -i alice",
+    )
+    forget.add_argument("id", help="the message id")
+    forget.add_argument("-p", "--partition", required=True, help="partition")
+    forget.add_argument("-i", "--instance", required=True, help="instance")
+    forget.add_argument("-j", "--json", action="store_true", help="the message as JSON")
+
+    retention = command(
+        "retention",
+        "remove messages past their retention",
+        "Messages older than their partition's retention_days (by their stored time): "
+        "counted per scope (--dry-run, the default) or removed for good (--apply).",
+        "reservoir retention --apply",
+    )
+    mode = retention.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", dest="apply", action="store_false", help="only count (default)")
+    mode.add_argument("--apply", dest="apply", action="store_true", help="remove them")
+    retention.set_defaults(apply=False)
+
     stats = command(
         "stats",
         "scopes, message counts, model, disk size",

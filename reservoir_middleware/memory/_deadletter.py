@@ -14,10 +14,11 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reservoir_middleware.memory._deletions import now
+from reservoir_middleware.memory._deletions import entry_ids, now
 
 FILE_NAME = "dead-letter.jsonl"
 DELETED_KEPT = 10_000  # deleted scopes remembered, so that a job set aside late is dropped
@@ -66,6 +67,11 @@ class DeadLetters:
         except OSError:
             return 0
 
+    def purge_messages(self, ids: set[str]) -> None:
+        """Drop the exchanges holding any of these (forgotten) messages; the file is rewritten."""
+        with self._lock:
+            self._rewrite(lambda data: not ids.isdisjoint(entry_ids(data)))
+
     def purge(self, partition: str, instance: str | None = None) -> None:
         """Drop the lines of a deleted scope (or partition); the file is rewritten.
         An exchange of it set aside later, but queued before, is not written."""
@@ -74,23 +80,31 @@ class DeadLetters:
             self._deleted[(partition, instance)] = now()
             while len(self._deleted) > DELETED_KEPT:
                 del self._deleted[next(iter(self._deleted))]
-            try:
-                lines = self.path.read_bytes().splitlines(keepends=True)
-            except OSError:
-                return
-            kept = []
-            for line in lines:
-                with contextlib.suppress(ValueError):
-                    scope = json.loads(line).get("scope") or ["", ""]
-                    if scope[0] == partition and instance in (None, scope[1]):
-                        continue
-                kept.append(line)
-            if len(kept) == len(lines):
-                return
-            temporary = self.path.with_suffix(".tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, b"".join(kept))
-            finally:
-                os.close(fd)
-            os.replace(temporary, self.path)
+
+            def covered(data: dict[str, Any]) -> bool:
+                scope = data.get("scope") or ["", ""]
+                return bool(scope[0] == partition and instance in (None, scope[1]))
+
+            self._rewrite(covered)
+
+    def _rewrite(self, drop: Callable[[dict[str, Any]], bool]) -> None:
+        """The file without the lines `drop` selects (under the lock)."""
+        try:
+            lines = self.path.read_bytes().splitlines(keepends=True)
+        except OSError:
+            return
+        kept = []
+        for line in lines:
+            with contextlib.suppress(ValueError, AttributeError, TypeError, IndexError):
+                if drop(json.loads(line)):
+                    continue
+            kept.append(line)
+        if len(kept) == len(lines):
+            return
+        temporary = self.path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"".join(kept))
+        finally:
+            os.close(fd)
+        os.replace(temporary, self.path)

@@ -2,7 +2,8 @@
 
 `<data_dir>/deletions.jsonl` (0600) holds one JSON line per delete,
 `{"id", "time", "partition", "instance"}` (`instance` null: the whole
-partition), appended and fsynced before the store forgets the scope. An
+partition; with `"messages": [ids]`, only those messages of the scope:
+`Reservoir.forget` and retention), appended and fsynced before the store forgets the scope. An
 exchange that began before a delete of its scope is never stored after it:
 every write checks these records under the scope's write lock (the lock the
 delete holds while the store forgets the scope), a replay drops the journal
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from reservoir_middleware._private import private_dir, private_open
+from reservoir_middleware.records import Scope, chained_id
 
 FILE_NAME = "deletions.jsonl"
 KEEP_S = 24 * 3600.0  # the longest an exchange may be in flight before it is journalled
@@ -56,6 +58,7 @@ class Deletion:
     time: float
     partition: str
     instance: str | None  # None: every instance of the partition
+    messages: tuple[str, ...] = ()  # only these messages of the scope (none: all of it)
 
 
 def entry_began(payload: Mapping[str, Any]) -> float:
@@ -79,6 +82,7 @@ class Deletions:
         self._lock = threading.Lock()
         self._scopes: dict[tuple[str, str], float] = {}
         self._partitions: dict[str, float] = {}
+        self._messages: dict[tuple[str, str], dict[str, float]] = {}  # scope -> id -> time
         self._seen: tuple[int, int] = (-1, 0)  # (inode, bytes read) of the file
 
     def latest(self, partition: str, instance: str) -> float:
@@ -91,22 +95,40 @@ class Deletions:
         """An exchange of the scope that began then was deleted."""
         return began <= self.latest(partition, instance)
 
+    def forgotten(self, partition: str, instance: str, began: float) -> frozenset[str]:
+        """The messages of the scope forgotten after an exchange that began then:
+        that exchange must not store them again."""
+        with self._lock:
+            times = self._messages.get((partition, instance), {})
+            return frozenset(id_ for id_, at in times.items() if at >= began)
+
     def covers_entry(self, payload: Mapping[str, Any]) -> bool:
-        """A journal entry (or any exchange as `exchange_data` keeps it) was deleted."""
+        """A journal entry (or any exchange as `exchange_data` keeps it) was deleted,
+        or holds a message forgotten since (its exchange was stored, or it would
+        have no id to be forgotten by: the entry goes, with the text)."""
         scope = payload.get("scope")
         if not isinstance(scope, list) or len(scope) != 2:
             return False
-        return self.covers(str(scope[0]), str(scope[1]), entry_began(payload))
+        partition, instance, began = str(scope[0]), str(scope[1]), entry_began(payload)
+        if self.covers(partition, instance, began):
+            return True
+        gone = self.forgotten(partition, instance, began)
+        return bool(gone) and not gone.isdisjoint(entry_ids(payload))
 
-    def record(self, partition: str, instance: str | None) -> Deletion:
-        """Make a delete durable (appended and fsynced); raises OSError."""
-        deletion = Deletion(uuid.uuid4().hex, now(), partition, instance)
-        payload = {
+    def record(
+        self, partition: str, instance: str | None, messages: Iterable[str] = ()
+    ) -> Deletion:
+        """Make a delete (of `messages` only, if given) durable (appended and
+        fsynced); raises OSError."""
+        deletion = Deletion(uuid.uuid4().hex, now(), partition, instance, tuple(messages))
+        payload: dict[str, Any] = {
             "id": deletion.id,
             "time": deletion.time,
             "partition": partition,
             "instance": instance,
         }
+        if deletion.messages:
+            payload["messages"] = list(deletion.messages)
         line = (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
         private_dir(self.path.parent)
         fd = self._locked()
@@ -193,6 +215,16 @@ class Deletions:
         learned = []
         with self._lock:
             for deletion in deletions:
+                if deletion.messages:
+                    if deletion.instance is not None:
+                        times = self._messages.setdefault(
+                            (deletion.partition, deletion.instance), {}
+                        )
+                        fresh = [i for i in deletion.messages if times.get(i, -1.0) < deletion.time]
+                        times.update((i, deletion.time) for i in fresh)
+                        if fresh:
+                            learned.append(deletion)
+                    continue
                 if deletion.instance is None:
                     table: dict[Any, float] = self._partitions
                     key: Any = deletion.partition
@@ -202,6 +234,19 @@ class Deletions:
                     table[key] = deletion.time
                     learned.append(deletion)
         return learned
+
+
+def entry_ids(payload: Mapping[str, Any]) -> set[str]:
+    """The ids of the messages a journalled exchange holds (its answer's too, once set)."""
+    records = [r for r in payload.get("records") or () if isinstance(r, dict)]
+    ids = {str(r["id"]) for r in records if r.get("id")}
+    answer, scope = payload.get("answer"), payload.get("scope")
+    if isinstance(answer, dict) and records and isinstance(scope, list) and len(scope) == 2:
+        with contextlib.suppress(TypeError, ValueError):  # its id is made when it is written
+            text, calls, prev = answer.get("text") or "", answer.get("tool_calls"), records[-1]
+            at = Scope(str(scope[0]), str(scope[1]))
+            ids.add(chained_id(at, "assistant", str(text), calls, str(prev.get("id") or "")))
+    return ids
 
 
 def _each(raw: bytes) -> list[Deletion | None]:
@@ -214,12 +259,14 @@ def _parse(lines: Iterable[bytes]) -> list[Deletion]:
         try:
             payload = json.loads(line.decode("utf-8", "surrogatepass"))
             instance = payload.get("instance")
+            messages = payload.get("messages") or ()
             found.append(
                 Deletion(
                     str(payload["id"]),
                     float(payload["time"]),
                     str(payload["partition"]),
                     None if instance is None else str(instance),
+                    tuple(str(m) for m in messages),
                 )
             )
         except (ValueError, KeyError, TypeError, AttributeError):

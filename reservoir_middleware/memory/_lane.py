@@ -68,6 +68,7 @@ class WriteJob:
     future: asyncio.Future[str | None] = field(default_factory=lambda: _loop().create_future())
     queued_at: float = field(default_factory=lambda: _loop().time())
     began: float = field(default_factory=now)  # a delete of the scope after it drops the job
+    forgotten: frozenset[str] = frozenset()  # ids forgotten since it began: not written
 
     @property
     def size(self) -> int:

@@ -49,6 +49,9 @@ class ExchangeJournal:
             job.scope.partition, job.scope.instance, job.began
         ):
             return  # (deleted while the record filters ran)
+        gone = self.deletions.forgotten(job.scope.partition, job.scope.instance, job.began)
+        if gone:  # (forgotten since it began: `Reservoir.forget`) never on disk again
+            records = [r for r in records if r.id not in gone]
         data = exchange_data(job, records, answer)
         try:
             job.entry = self.journal.append(data)

@@ -99,7 +99,7 @@ class Writer:
             # goes in several upserts), except a re-chained turn, whose id moved on
             if job.trace_id in stored_traces and (rechained or not records):
                 continue
-            new = [r for r in records if r.id not in seen]
+            new = [r for r in records if r.id not in seen and r.id not in job.forgotten]
             seen.update(r.id for r in new)
             if new:
                 last = new[-1]

@@ -74,11 +74,16 @@ class InFlight:
         return done
 
     def forget(self, deletion: Deletion) -> None:
-        """Messages of exchanges begun before a delete no longer show as in flight."""
+        """Messages of exchanges begun before a delete no longer show as in flight
+        (of a delete of some messages: those)."""
+        gone = set(deletion.messages)
         for key, shown in list(self._by_key.items()):
             partition, instance = key.split("\x00", 1)
             if partition == deletion.partition and deletion.instance in (None, instance):
-                shown[:] = [r for r in shown if r.timestamp > deletion.time]
+                if gone:
+                    shown[:] = [r for r in shown if r.id not in gone]
+                else:
+                    shown[:] = [r for r in shown if r.timestamp > deletion.time]
                 if not shown:
                     self._by_key.pop(key, None)
 
@@ -116,6 +121,8 @@ class Writes:
         )
         self._deletions_checked = float("-inf")  # (loop time)
         self._background: set[asyncio.Task[Any]] = set()
+        # told of a scope some of whose messages were forgotten (the engine's plugins' indexes)
+        self.on_forgotten: Callable[[Scope], None] = lambda scope: None
 
     # -- the lane of this loop ---------------------------------------------------------
 
@@ -222,6 +229,10 @@ class Writes:
             for job in jobs:
                 if job.began <= latest:
                     job.written, job.last_id = [], None
+                else:  # nor what was forgotten since it began (`Reservoir.forget`)
+                    job.forgotten = self.deletions.forgotten(
+                        scope.partition, scope.instance, job.began
+                    )
             jobs = [job for job in jobs if job.began > latest]
             if jobs:
                 await self.write(scope, jobs)
@@ -275,8 +286,20 @@ class Writes:
         for deletion in deletions:
             self.inflight.forget(deletion)
             self.hurry_deleted(deletion.partition, deletion.instance)
+            if deletion.messages:  # what this process keeps of them
+                self.forgotten(deletion)
+                purge = self.dead_letters.purge_messages
+                self._in_background(anyio.to_thread.run_sync(purge, set(deletion.messages)))
         if self.journal.enabled and deletions:
             self._in_background(anyio.to_thread.run_sync(self.journal.purge))
+
+    def forgotten(self, deletion: Deletion) -> None:
+        """Messages forgotten (by another process, or this one): the in-memory
+        copies of the scope (the store's, the plugins' indexes) are dropped, to
+        be read again."""
+        if deletion.instance is not None:
+            self.store.forget(Scope(deletion.partition, deletion.instance))
+            self.on_forgotten(Scope(deletion.partition, deletion.instance))
 
     def watch_deletions(self) -> None:
         """At most once a second, look (in the background) for deletes made by other

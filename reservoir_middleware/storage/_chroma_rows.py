@@ -186,6 +186,11 @@ def traces(col: Any, trace_ids: Sequence[str]) -> set[str]:
     return {str(m.get("trace_id")) for m in result.get("metadatas") or [] if m}
 
 
+def expired(col: Any, before: float) -> list[str]:
+    """Ids of the messages stored with a `timestamp` before `before` (no text read)."""
+    return [str(i) for i in col.get(where={"timestamp": {"$lt": before}}, include=[])["ids"]]
+
+
 def keyword(col: Any, terms: Sequence[str], limit: int) -> list[MessageRecord]:
     clauses: list[dict[str, Any]] = [{"$contains": t} for t in terms]
     where_document = clauses[0] if len(clauses) == 1 else {"$or": clauses}

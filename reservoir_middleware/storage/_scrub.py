@@ -115,6 +115,41 @@ def erase(data_dir: Path, collection_id: str) -> list[str]:
     return done.stdout.split()
 
 
+COMPACT = r"""
+import sqlite3, sys
+
+db = sqlite3.connect(sys.argv[1], timeout=float(sys.argv[2]), isolation_level=None)
+db.execute("PRAGMA secure_delete = ON")
+db.execute("VACUUM")
+db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+"""
+
+
+def compact(data_dir: Path) -> None:
+    """Rewrite `chroma.sqlite3` with its live rows only (VACUUM), in a child
+    process as `erase`; raises NotErased. Removing single messages needs it:
+    Chroma's own deletes and upserts (its write queue, emptied once applied)
+    leave their bytes in the unused space of pages still in use, which only
+    a rewrite of the file clears. Its cost follows the whole file's size."""
+    path = data_dir / "chroma.sqlite3"
+    if not path.is_file():
+        return
+    command = [sys.executable, "-I", "-S", "-c", COMPACT, str(path), str(ERASE_BUSY_S)]
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=ERASE_TIMEOUT_S,
+            umask=PRIVATE_UMASK,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NotErased(f"its text cannot be erased from {path}: {exc}") from exc
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise NotErased(f"its text cannot be erased from {path}: {reason}")
+
+
 def remove_segments(data_dir: Path, segments: list[str]) -> None:
     """Remove the deleted collection's index directories."""
     for segment in segments:

@@ -23,6 +23,7 @@ from chromadb.errors import NotFoundError
 from reservoir_middleware.hookspecs import hookimpl
 from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.storage import _chroma_admin as admin
+from reservoir_middleware.storage import _chroma_forget as forgetting
 from reservoir_middleware.storage import _chroma_passages as longer  # long messages' passages
 from reservoir_middleware.storage import _chroma_rows as rows
 from reservoir_middleware.storage._child import ChromaServer
@@ -228,6 +229,20 @@ class ChromaStore:
                 self.client.delete_collection(name)
                 remove_segments(self.data_dir, segments)
         self.forget(scope)
+
+    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
+        """The scope rebuilt without them, their bytes erased (`_chroma_forget`)."""
+        self.forget(scope)
+        data_dir = self.data_dir if self.chroma_url is None else None
+        try:
+            return forgetting.rebuild_without(self.client, data_dir, scope, ids, self.max_batch())
+        finally:
+            self.forget(scope)
+
+    @_retry_if_deleted
+    def expired(self, scope: Scope, before: float) -> list[str]:
+        col = self.collection(scope)
+        return [] if col is None else rows.expired(col, before)
 
     # -- reads -----------------------------------------------------------------
 

@@ -138,6 +138,21 @@ class InMemoryStore:
         with self._lock:
             self._scopes.pop(scope, None)
 
+    def remove_messages(self, scope: Scope, ids: Sequence[str]) -> list[MessageRecord]:
+        with self._lock:
+            kept = self._scopes.get(scope)
+            if kept is None:
+                return []
+            present = [kept.rows.pop(i)[0] for i in dict.fromkeys(ids) if i in kept.rows]
+            for record in present:
+                kept.passages.pop(record.id, None)
+            if not kept.rows:
+                del self._scopes[scope]
+            return present
+
+    def expired(self, scope: Scope, before: float) -> list[str]:
+        return [r.id for r, _ in self._rows(scope) if r.timestamp < before]
+
     # -- reads -----------------------------------------------------------------------------
 
     def _readable(self, scope: Scope) -> _Scope | None:
