@@ -27,6 +27,7 @@ from reservoir_middleware.context import MEMORY_OPEN
 from reservoir_middleware.gateway.app import create_app
 from reservoir_middleware.memory.tokens import get_encoding
 from reservoir_middleware.records import content_text
+from tests.blocks import block_of
 from tests.conftest import GatewayFactory, make_settings, serve
 from tests.upstream import Reply, Upstream
 
@@ -138,7 +139,7 @@ async def test_each_request_starts_with_the_previous_one_through_reservoir_serve
     assert SISTER in first and "25 May 2023:" in first  # the fact, with the day it was said
     # the bike comes up on turn 3: it goes with that turn's message, dated
     third = content_text(sent[2][-1]["content"])
-    assert BIKE in third and "2 Jun 2023:" in third and BIKE not in first
+    assert BIKE in third and "\n2 Jun:\nuser: " + BIKE in third and BIKE not in first
     assert third.endswith(QUESTIONS[2])
     without = [history[: 2 * k + 2] for k in range(4)]  # as the client sent them
     assert prefix_share(sent) >= 0.9 * prefix_share(without)
@@ -232,3 +233,21 @@ async def test_imported_messages_keep_their_dates_in_memory(tmp_path: Path) -> N
         assert "14 Mar 2021:\nuser: I planted three apple trees behind the barn." in block
     finally:
         await memory.close()
+
+
+async def test_a_forgotten_message_leaves_the_blocks_that_showed_it(
+    gateway_factory: GatewayFactory,
+) -> None:
+    async with gateway_factory(recent_context_size=0) as gw:
+        await seed(gw.reservoir)
+        history: list[dict[str, Any]] = [{"role": "user", "content": "Where did my sister move?"}]
+        await gw.chat(history)
+        assert SISTER in block_of(gw.upstream.received[-1].messages[-1])
+        [hit] = [h for h in await gw.reservoir.search("p", "i", SISTER) if h.record.text == SISTER]
+        assert await gw.reservoir.forget("p", "i", hit.record.id) is not None
+        history += [{"role": "assistant", "content": "Echo."}, {"role": "user", "content": "Ok."}]
+        await gw.chat(history)
+        sent = gw.upstream.received[-1].messages
+        assert SISTER not in str(sent)  # gone from the block of the first turn too
+        stored = [r for r in await gw.stored() if r.memory]
+        assert stored and all(hit.record.id not in str(r.memory) for r in stored)

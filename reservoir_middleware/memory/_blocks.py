@@ -77,6 +77,31 @@ def decode(text: str | None, instance: str) -> tuple[list[Ref], list[Ref]]:
     return refs(data.get("s")), refs(data.get("r"))
 
 
+def without_ids(text: str | None, ids: set[str]) -> str | None:
+    """A stored block without these messages (forgotten, expired): not even
+    their ids stay on disk. None: nothing left to show."""
+    if not text or not any(i in text for i in ids):
+        return text
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+
+    def kept(items: Any) -> list[Any]:
+        return [
+            item
+            for item in (items if isinstance(items, list) else [])
+            if (item[-1] if isinstance(item, list) and item else item) not in ids
+        ]
+
+    semantic, recent = kept(data.get("s")), kept(data.get("r"))
+    if not semantic and not recent:
+        return None
+    return json.dumps({"s": semantic, "r": recent}, separators=(",", ":"))
+
+
 @dataclass
 class Carried:
     """The blocks a request's user messages carry from earlier turns."""

@@ -26,6 +26,7 @@ from typing import Any
 
 from chromadb.errors import NotFoundError
 
+from reservoir_middleware.memory._blocks import without_ids
 from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.storage import _chroma_rows as rows
 from reservoir_middleware.storage._chroma_rows import (
@@ -84,8 +85,11 @@ def _metadata(col: Any) -> dict[str, Any]:
     return {**kept, "hnsw:space": "cosine"}
 
 
-def _copy(source: Any, target: Any, skip: Any, step: int, *, documents: bool) -> None:
-    """Every row of `source` that `skip(id, metadata)` refuses, as stored."""
+def _copy(
+    source: Any, target: Any, skip: Any, step: int, *, documents: bool, gone: set[str]
+) -> None:
+    """Every row of `source` that `skip(id, metadata)` refuses, as stored, but
+    for the memory blocks that showed one of `gone`."""
     include = ["metadatas", "embeddings", *(["documents"] if documents else [])]
     offset = 0
     while True:
@@ -93,8 +97,15 @@ def _copy(source: Any, target: Any, skip: Any, step: int, *, documents: bool) ->
         if not page["ids"]:
             break
         offset += len(page["ids"])
-        metas = page["metadatas"]
-        keep = [i for i, id_ in enumerate(page["ids"]) if not skip(id_, metas[i] or {})]
+        metas = [dict(m or {}) for m in page["metadatas"]]
+        keep = [i for i, id_ in enumerate(page["ids"]) if not skip(id_, metas[i])]
+        for meta in metas:  # the blocks that showed them forget them too
+            if meta.get("memory"):
+                shown = without_ids(meta["memory"], gone)
+                if shown is None:
+                    del meta["memory"]
+                else:
+                    meta["memory"] = shown
         for start in range(0, len(keep), step):
             part = keep[start : start + step]
             target.add(
@@ -125,13 +136,20 @@ def rebuild_without(
     gone = set(found)
     if source.count() > len(gone):
         target = client.create_collection(side, metadata=_metadata(source), embedding_function=None)
-        _copy(source, target, lambda id_, _m: id_ in gone, step, documents=True)
+        _copy(source, target, lambda id_, _m: id_ in gone, step, documents=True, gone=gone)
         psource = _get(client, pname)
         if psource is not None:
             ptarget = client.create_collection(
                 pside, metadata=_metadata(psource), embedding_function=None
             )
-            _copy(psource, ptarget, lambda _i, m: m.get("message") in gone, step, documents=False)
+            _copy(
+                psource,
+                ptarget,
+                lambda _i, m: m.get("message") in gone,
+                step,
+                documents=False,
+                gone=gone,
+            )
     drop(client, data_dir, name)  # first: its side copy is then the whole truth
     drop(client, data_dir, pname)
     finish(client, data_dir, scope)

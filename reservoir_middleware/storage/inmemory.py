@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from reservoir_middleware.hookspecs import hookimpl
 from reservoir_middleware.memory import _passages
+from reservoir_middleware.memory._blocks import without_ids
 from reservoir_middleware.memory._passages import passages_of
 from reservoir_middleware.memory.embeddings import MiniLMEmbedding
 from reservoir_middleware.records import MessageRecord, Scope, embedding_text
@@ -146,6 +147,11 @@ class InMemoryStore:
             present = [kept.rows.pop(i)[0] for i in dict.fromkeys(ids) if i in kept.rows]
             for record in present:
                 kept.passages.pop(record.id, None)
+            gone = {r.id for r in present}
+            for key, (record, vector) in list(kept.rows.items()):
+                if record.memory and gone:  # the blocks that showed them forget them too
+                    shown = without_ids(record.memory, gone)
+                    kept.rows[key] = (replace(record, memory=shown), vector)
             if not kept.rows:
                 del self._scopes[scope]
             return present
