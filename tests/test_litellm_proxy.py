@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -218,7 +219,9 @@ async def test_each_request_starts_with_the_previous_one_through_the_proxy(proxy
             reply = await ai.chat.completions.create(model="gpt-4o", messages=history)  # type: ignore[arg-type]
             history.append({"role": "assistant", "content": reply.choices[0].message.content})
     sent = [r.messages for r in proxy.upstream.received[start:]]
-    assert "Theo repairs old Vespas" in block_of(sent[0][-1])  # memory, on the first turn
+    block = block_of(sent[0][-1])
+    assert "Theo repairs old Vespas" in block  # memory, on the first turn, with its date
+    assert re.search(r"\n\d{1,2} [A-Z][a-z]{2} \d{4}:\nuser: My brother Theo", block)
     for before, after in itertools.pairwise(sent):
         assert after[: len(before)] == before  # the whole previous request, byte for byte
 
