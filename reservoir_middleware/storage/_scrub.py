@@ -97,8 +97,13 @@ def erase(data_dir: Path, collection_id: str) -> list[str]:
     path = data_dir / "chroma.sqlite3"
     if not path.is_file():
         return []
-    command = [sys.executable, "-I", "-S", "-c", ERASE, str(path), collection_id]
-    command += [str(CHUNK), str(ERASE_BUSY_S)]
+    args = [collection_id, str(CHUNK), str(ERASE_BUSY_S)]
+    return _run(ERASE, path, args, "not deleted: its text cannot be erased from").split()
+
+
+def _run(script: str, path: Path, args: list[str], failure: str) -> str:
+    """A script on the SQLite file in a child process; its output. Raises NotErased."""
+    command = [sys.executable, "-I", "-S", "-c", script, str(path), *args]
     try:
         done = subprocess.run(
             command,
@@ -108,11 +113,11 @@ def erase(data_dir: Path, collection_id: str) -> list[str]:
             umask=PRIVATE_UMASK,  # its rollback journal holds the text until the commit
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        raise NotErased(f"not deleted: its text cannot be erased from {path}: {exc}") from exc
+        raise NotErased(f"{failure} {path}: {exc}") from exc
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise NotErased(f"not deleted: its text cannot be erased from {path}: {reason}")
-    return done.stdout.split()
+        raise NotErased(f"{failure} {path}: {reason}")
+    return done.stdout
 
 
 COMPACT = r"""
@@ -134,20 +139,7 @@ def compact(data_dir: Path) -> None:
     path = data_dir / "chroma.sqlite3"
     if not path.is_file():
         return
-    command = [sys.executable, "-I", "-S", "-c", COMPACT, str(path), str(ERASE_BUSY_S)]
-    try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=ERASE_TIMEOUT_S,
-            umask=PRIVATE_UMASK,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise NotErased(f"its text cannot be erased from {path}: {exc}") from exc
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise NotErased(f"its text cannot be erased from {path}: {reason}")
+    _run(COMPACT, path, [str(ERASE_BUSY_S)], "its text cannot be erased from")
 
 
 def remove_segments(data_dir: Path, segments: list[str]) -> None:
