@@ -19,7 +19,9 @@ import functools
 import sys
 from typing import Any
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+M_MMAP_THRESHOLD = -3  # mallopt parameters (malloc.h)
+M_PERTURB = -6
+FREED_BYTE = 0x5A  # what freed heap memory is overwritten with
 LARGE_BLOCK = 1 << 20
 
 
@@ -50,3 +52,15 @@ def return_large_blocks() -> bool:
     (for the whole process: call it only in a process of ours)."""
     libc = _libc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK))
+
+
+def wipe_freed_memory() -> bool:
+    """From now on, heap memory is overwritten when freed (glibc's `M_PERTURB`).
+
+    A C library that allocates without clearing and then writes its whole
+    buffer to disk (hnswlib's unused link slots in `data_level0.bin`) would
+    otherwise carry bytes of whatever the process freed before, such as a
+    message just forgotten, into a file. For the Chroma child: every text it
+    holds passes through its heap. Costs a memset per free."""
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(M_PERTURB, FREED_BYTE))

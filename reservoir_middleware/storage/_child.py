@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from reservoir_middleware._malloc import return_large_blocks, trim
+from reservoir_middleware._malloc import return_large_blocks, trim, wipe_freed_memory
 from reservoir_middleware._private import PRIVATE_UMASK, private_open
 
 logger = logging.getLogger("reservoir")
@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     return_large_blocks()  # the buffers of a batch of long answers: freed, not kept
+    wipe_freed_memory()  # no freed text reaches an index file as uninitialised bytes
     if hasattr(os, "nice"):
         with contextlib.suppress(OSError):
             os.nice(NICENESS)
