@@ -282,6 +282,8 @@ async def test_console_script_serve_and_demo(tmp_path: Path) -> None:
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "STAND-IN" in demo.stdout
     assert "The second session's request carried what was said in the first." in demo.stdout
+    shown = demo.stdout.split("Before your question, memory gave me:")[-1]  # the model's view
+    assert "user: Hi! I'm Ada. I keep two beehives" in shown
     usage = await asyncio.to_thread(
         subprocess.run, [str(script), "serve", "--port", "x"], capture_output=True, text=True
     )

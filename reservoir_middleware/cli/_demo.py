@@ -28,7 +28,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from reservoir_middleware.asgi._replies import chat_completion
+from reservoir_middleware.context import without_memory
 from reservoir_middleware.gateway.app import create_app
+from reservoir_middleware.records import content_text
 from reservoir_middleware.settings import ProviderSettings, ReservoirSettings
 
 STANDIN_MODEL = "demo-standin"
@@ -42,11 +44,12 @@ def standin_app() -> Starlette:
     async def chat(request: Request) -> Response:
         payload = await request.json()
         messages = payload.get("messages", [])
-        remembered = [m for m in messages[:-1] if m.get("role") in ("user", "assistant")]
-        lines = [f"- {m['role']}: {m.get('content')}" for m in remembered]
+        question = content_text(messages[-1].get("content")) if messages else ""
+        memory = question[: len(question) - len(without_memory(question))].strip()
+        lines = [f"  {line}" for line in memory.splitlines()]
         text = f"[stand-in model, not an LLM] I was sent {len(messages)} message(s)."
         if lines:
-            text += " Besides your question, they held:\n" + "\n".join(lines)
+            text += " Before your question, memory gave me:\n" + "\n".join(lines)
         return JSONResponse(chat_completion(text, STANDIN_MODEL, completion_id="chatcmpl-demo"))
 
     async def models(request: Request) -> Response:
