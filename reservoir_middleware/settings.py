@@ -120,9 +120,9 @@ class ReservoirSettings(BaseSettings):
     # the budget holds. Calibrated by bench/calibrate_relevance.py (README,
     # "Relevance floor").
     relevance_floor: float = Field(default=0.33, ge=-1.0, le=1.0)
-    relevance_full: float = Field(default=0.45, ge=-1.0, le=1.0)
+    relevance_full: float = Field(default=0.44, ge=-1.0, le=1.0)
     relevance_band_tokens: int = Field(default=300, ge=0)
-    relevance_band_message_tokens: int = Field(default=120, ge=0)
+    relevance_band_message_tokens: int = Field(default=160, ge=0)
     semantic_scope: Literal["instance", "partition"] = "instance"
     synapse_threshold: float = Field(default=0.85, ge=0.0, le=1.0)
     synapse_neighbours: int = Field(default=2, ge=0, le=20)

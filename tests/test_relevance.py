@@ -38,7 +38,7 @@ LONG_ANSWER = " ".join(
     + ["a dough hook rather than a flat beater, and a bowl of five litres or more;"] * 8
 )
 # Related to the bread chat, less than a question about a stored fact: best
-# similarity about 0.53 (relevance_full 0.45 by default).
+# similarity about 0.53 (relevance_full 0.44 by default).
 LOOSE = "How do I make pizza dough?"
 
 
@@ -102,7 +102,7 @@ async def test_a_loosely_related_question_gets_a_few_short_messages(tmp_path: Pa
     assert all(m.tokens < 60 for m in loose.semantic.messages)
     await engine.close()
 
-    # above `relevance_full` (default 0.45), the same question gets all that fits
+    # above `relevance_full` (default 0.44), the same question gets all that fits
     engine = Reservoir(make_settings(tmp_path, recent_context_size=0))
     full = await engine.enrich("p", "i", chat(LOOSE), store=False)
     assert LONG_ANSWER in [m.text for m in full.semantic.messages]
