@@ -113,11 +113,16 @@ class ReservoirSettings(BaseSettings):
     # BM25 keys each message with its neighbours' words at this weight (0: its own only)
     lexical_neighbour_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     min_similarity: float = Field(default=0.2, ge=-1.0, le=1.0)
-    # Per question: if its best cosine similarity to the searched scopes is below
-    # this, only its single best hit (dense or lexical) is injected, alone, not the
-    # budget's worth; -1: never. Calibrated by bench/calibrate_relevance.py
-    # (README, "Relevance floor").
+    # Per question, by its best cosine similarity to the searched scopes: below
+    # `relevance_floor` no semantic memory (-1: never); below `relevance_full` only
+    # messages of at most `relevance_band_message_tokens` tokens, the best hits'
+    # first, up to `relevance_band_tokens` in all; from `relevance_full` up, all
+    # the budget holds. Calibrated by bench/calibrate_relevance.py (README,
+    # "Relevance floor").
     relevance_floor: float = Field(default=0.33, ge=-1.0, le=1.0)
+    relevance_full: float = Field(default=0.44, ge=-1.0, le=1.0)
+    relevance_band_tokens: int = Field(default=300, ge=0)
+    relevance_band_message_tokens: int = Field(default=160, ge=0)
     semantic_scope: Literal["instance", "partition"] = "instance"
     synapse_threshold: float = Field(default=0.85, ge=0.0, le=1.0)
     synapse_neighbours: int = Field(default=2, ge=0, le=20)

@@ -1,5 +1,6 @@
-"""`relevance_floor`: a question unrelated to everything stored does not get
-the memory budget filled with the least bad hits (real Chroma, real model)."""
+"""`relevance_floor`, `relevance_full`: a question unrelated to everything
+stored does not get the memory budget filled with the least bad hits, and one
+only loosely related gets a few short messages (real Chroma, real model)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ FACT = "I fed it with rye flour this time instead of plain white flour."
 RELATED = "Which flour did I feed my sourdough starter with?"
 # Topic B: nothing stored is about it, yet it shares a word ("hours") with it.
 UNRELATED = "How many hours a day should I practise the violin?"
+# A short question and a long answer (over 120 tokens) about the same topic.
+LONG_QUESTION = "What should I know before buying a stand mixer for bread dough?"
+LONG_ANSWER = " ".join(
+    ["A stand mixer for bread dough needs a strong motor of at least 500 watts,"]
+    + ["a dough hook rather than a flat beater, and a bowl of five litres or more;"] * 8
+)
+# Related to the bread chat, less than a question about a stored fact: best
+# similarity about 0.53 (relevance_full 0.44 by default).
+LOOSE = "How do I make pizza dough?"
 
 
 def chat(text: str) -> dict[str, Any]:
@@ -43,10 +53,9 @@ async def baking(tmp_path: Path) -> Reservoir:
     return engine
 
 
-async def test_an_unrelated_question_gets_almost_no_semantic_memory(baking: Reservoir) -> None:
+async def test_an_unrelated_question_gets_no_semantic_memory(baking: Reservoir) -> None:
     unrelated = await baking.enrich("p", "i", chat(UNRELATED), store=False)
-    assert len(unrelated.semantic.messages) <= 1  # its best hit alone, not the budget
-    assert unrelated.semantic.tokens <= 40
+    assert unrelated.semantic.messages == []  # not even its least bad hit
     best = (await baking.search("p", "i", UNRELATED, limit=1))[0].score
     assert best < baking.settings.relevance_floor  # nothing stored is about it
 
@@ -61,7 +70,7 @@ async def test_the_floor_holds_across_a_partition(tmp_path: Path) -> None:
     await engine.add("p", "i", [{"role": r, "content": t} for r, t in BAKING[:6]])
     await engine.add("p", "j", [{"role": r, "content": t} for r, t in BAKING[6:]])
     unrelated = await engine.enrich("p", "k", chat(UNRELATED), store=False)
-    assert len(unrelated.semantic.messages) <= 1
+    assert unrelated.semantic.messages == []
     related = await engine.enrich("p", "k", chat(RELATED), store=False)
     assert FACT in [m.text for m in related.semantic.messages]
     await engine.close()
@@ -73,4 +82,29 @@ async def test_without_a_floor_the_budget_is_filled(baking: Reservoir, tmp_path:
     engine = Reservoir(make_settings(tmp_path, recent_context_size=0, relevance_floor=-1))
     unrelated = await engine.enrich("p", "i", chat(UNRELATED), store=False)
     assert len(unrelated.semantic.messages) > 4
+    await engine.close()
+
+
+async def test_a_loosely_related_question_gets_a_few_short_messages(tmp_path: Path) -> None:
+    """Between `relevance_floor` and `relevance_full`: the best hits' short
+    messages only (a long answer's short question stands for it), up to
+    `relevance_band_tokens`."""
+    turns = [*BAKING, ("user", LONG_QUESTION), ("assistant", LONG_ANSWER)]
+    band = make_settings(tmp_path, recent_context_size=0, relevance_full=0.9)
+    engine = Reservoir(band.model_copy(update={"relevance_band_tokens": 100}))
+    await engine.add("p", "i", [{"role": r, "content": t} for r, t in turns])
+    best = (await engine.search("p", "i", LOOSE, limit=1))[0].score
+    assert band.relevance_floor <= best < band.relevance_full
+    loose = await engine.enrich("p", "i", chat(LOOSE), store=False)
+    texts = [m.text for m in loose.semantic.messages]
+    assert LONG_ANSWER not in texts and LONG_QUESTION in texts
+    assert 1 <= len(texts) <= 6  # about 20 tokens each: 100 tokens' worth, not the budget
+    assert all(m.tokens < 60 for m in loose.semantic.messages)
+    await engine.close()
+
+    # above `relevance_full` (default 0.44), the same question gets all that fits
+    engine = Reservoir(make_settings(tmp_path, recent_context_size=0))
+    full = await engine.enrich("p", "i", chat(LOOSE), store=False)
+    assert LONG_ANSWER in [m.text for m in full.semantic.messages]
+    assert len(full.semantic.messages) > 6
     await engine.close()

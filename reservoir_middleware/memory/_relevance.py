@@ -1,22 +1,50 @@
-"""Whether a question is about anything stored: all its semantic memory, or
-its single best hit.
+"""How much semantic memory a question gets, from how related it is to what
+is stored: all of it, a few short messages, or none.
 
 Without a gate the memory budget is filled with the least bad hits even when
 nothing stored is related to the question (another user's memory, a new
-topic). The decision is per query: the best dense (cosine) similarity of the
-question to the searched scopes, compared with `relevance_floor`, a value
-calibrated on the development splits of LoCoMo and LongMemEval
-(bench/calibrate_relevance.py; README, "Relevance floor"). Below it only the
-best fused hit is kept, alone (without its answer or neighbours): a rare word
-that only BM25 matches, or a fact deep in a long message, still comes through,
-at the cost of one message instead of the whole budget.
+topic). The decision is per query, on the best dense (cosine) similarity of
+the question to the searched scopes (values calibrated on the development
+splits of LoCoMo and LongMemEval: bench/calibrate_relevance.py; README,
+"Relevance floor"):
+
+- at or above `relevance_full`: every hit the budget holds;
+- from `relevance_floor` up: a band where a question's own scope and another
+  user's overlap. It gets the best hits with their answers (or questions), but
+  only messages of at most `relevance_band_message_tokens` tokens, up to
+  `relevance_band_tokens` in all: the evidence of a personal question is
+  mostly a short user turn, often the question paired with a hit that is a
+  long assistant answer, while what another user's scope offers is mostly
+  long answers;
+- below `relevance_floor`: none with hybrid retrieval, where the dense
+  retriever's low similarity outweighs a lexical match (measured on both
+  benchmarks: no own question loses evidence); with a single retriever (no
+  second opinion: dense only, or BM25 only) its best hit, alone, as a rare
+  word or a fact deep in a long message may be all there is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
+from reservoir_middleware.context import MemoryUnit
 from reservoir_middleware.memory._selection import Hit
+from reservoir_middleware.records import MessageRecord
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """What the gate allows: `cap` None, everything (`alone`: the best hit
+    only, without its answer or neighbours); else that many tokens of messages
+    no longer than `longest`."""
+
+    cap: int | None = None
+    longest: int = 0
+    alone: bool = False
+
+
+ALL = Relevance()
 
 
 def best_similarity(hits: Sequence[Hit]) -> float | None:
@@ -25,10 +53,55 @@ def best_similarity(hits: Sequence[Hit]) -> float | None:
     return max(known) if known else None
 
 
-def relevant(hits: list[Hit], best: float | None, floor: float) -> tuple[list[Hit], bool]:
-    """The hits to keep, and whether the question is related to the scope: all
-    of them when its best similarity reaches `floor` (or is unknown), else only
-    the first (best fused) one."""
-    if best is None or best >= floor:
-        return hits, True
-    return hits[:1], False
+def single_retriever(disabled: Sequence[str]) -> bool:
+    """Whether one of the two built-in retrievers is off (no second opinion)."""
+    return bool({"semantic", "lexical"} & set(disabled))
+
+
+def relevance(
+    best: float | None,
+    floor: float,
+    full: float,
+    band_tokens: int,
+    longest: int,
+    *,
+    single: bool = False,
+) -> Relevance:
+    """The gate for a question whose best similarity is `best` (None: unknown,
+    all); `single`: the hits come from a single retriever."""
+    if best is None or best >= max(floor, full):
+        return ALL
+    if best >= floor:
+        return Relevance(band_tokens, longest)
+    return Relevance(alone=True) if single else Relevance(0, 0)
+
+
+def trimmed(
+    units: Sequence[MemoryUnit], gate: Relevance, tokens: Callable[[MessageRecord], int]
+) -> list[MemoryUnit]:
+    """The units, best first, reduced to what `gate` allows: of each, its
+    messages of at most `gate.longest` tokens, while `gate.cap` holds them."""
+    if gate.cap is None:
+        return list(units)
+    out: list[MemoryUnit] = []
+    used = 0
+    for unit in sorted(units, key=lambda u: u.score, reverse=True):
+        kept: list[MessageRecord] = []
+        for record in unit.records:
+            cost = tokens(record)
+            if cost > gate.longest:
+                continue
+            if used + cost > gate.cap:
+                return out + ([_unit(unit, kept)] if kept else [])
+            kept.append(record)
+            used += cost
+        if kept:
+            out.append(_unit(unit, kept))
+    return out
+
+
+def _unit(unit: MemoryUnit, records: list[MessageRecord]) -> MemoryUnit:
+    """`unit` with only `records`; without its hit, the first of them stands for
+    it (truncation injects a unit's other messages only after its hit)."""
+    hit = unit.hit_id if any(r.id == unit.hit_id for r in records) else records[0].id
+    return replace(unit, records=records, hit_id=hit)

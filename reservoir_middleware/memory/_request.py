@@ -33,7 +33,14 @@ from reservoir_middleware.memory._blocks import FOLLOWUP_SHARE, Carried, carried
 from reservoir_middleware.memory._chat import ChatRequest
 from reservoir_middleware.memory._deletions import Deletions
 from reservoir_middleware.memory._enrichment import Enrichment, TooLong
-from reservoir_middleware.memory._relevance import best_similarity, relevant
+from reservoir_middleware.memory._relevance import (
+    ALL,
+    Relevance,
+    best_similarity,
+    relevance,
+    single_retriever,
+    trimmed,
+)
 from reservoir_middleware.memory._selection import (
     Hit,
     build_units,
@@ -311,7 +318,7 @@ class _Enriching:
         def excluded(record: MessageRecord) -> bool:
             return is_in_request(record) or record.id in recent_ids
 
-        fused, related = await self._relevant(query, fuse(outcome.results))
+        fused, gate = await self._relevant(query, fuse(outcome.results))
         if not fill:  # enough for the count after what is left out
             fused = fused[: query.semantic_depth]
         hits = [h for h in await self.path.resolve(fused) if not excluded(h.record)]
@@ -319,7 +326,7 @@ class _Enriching:
             hits = hits[: s.semantic_context_size]
         neighbours: dict[str, MessageRecord] = {}
         paired = hits[: s.semantic_context_size] if fill else hits  # bring their answers
-        paired = paired if related else []  # an unrelated question's lone hit: alone
+        paired = [] if gate.alone else paired  # an unrelated question's lone hit: alone
         if paired and (s.pair_answers or s.synapse_neighbours):
             known = {h.record.id: h.record for h in hits}  # an answer is often a hit too
             for hit_scope, ids in neighbour_ids(paired).items():
@@ -336,6 +343,7 @@ class _Enriching:
             excluded=excluded,
             paired=s.semantic_context_size if fill else None,
         )
+        units = trimmed(units, gate, lambda r: count_text(r.text))
         return ContextPlan(
             system=request.messages[:lead],
             semantic=units,
@@ -345,15 +353,28 @@ class _Enriching:
             instance=request.scope.instance,
         )
 
-    async def _relevant(self, query: RetrievalQuery, fused: list[Hit]) -> tuple[list[Hit], bool]:
-        """Little semantic memory for a question unrelated to what is stored
-        (`relevance_floor`), whichever plugins proposed the hits; True: related."""
+    async def _relevant(
+        self, query: RetrievalQuery, fused: list[Hit]
+    ) -> tuple[list[Hit], Relevance]:
+        """Less semantic memory for a question little related to what is stored
+        (`relevance_floor`, `relevance_full`), whichever plugins proposed the hits."""
         if not fused or query.embedding is None:
-            return fused, True
+            return fused, ALL
         best = best_similarity(fused)
         if best is None:  # no dense candidate among them: the store's best
             best = await anyio.to_thread.run_sync(_best_stored, self.path.store, query)
-        return relevant(fused, best, self.path.settings.relevance_floor)
+        s = self.path.settings
+        gate = relevance(
+            best,
+            s.relevance_floor,
+            s.relevance_full,
+            s.relevance_band_tokens,
+            s.relevance_band_message_tokens,
+            single=single_retriever(s.disable_plugins),
+        )
+        if gate.alone:
+            return fused[:1], gate
+        return (fused if gate.cap != 0 else []), gate
 
 
 def _best_stored(store: MemoryStore, query: RetrievalQuery) -> float | None:
