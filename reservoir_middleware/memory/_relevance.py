@@ -18,18 +18,22 @@ splits of LoCoMo and LongMemEval: bench/calibrate_relevance.py; README,
   long answers;
 - below `relevance_floor`: none with hybrid retrieval, where the dense
   retriever's low similarity outweighs a lexical match (measured on both
-  benchmarks: no own question loses evidence); with a single retriever (no
-  second opinion: dense only, or BM25 only) its best hit, alone, as a rare
-  word or a fact deep in a long message may be all there is.
+  benchmarks: no own question loses evidence), unless the question names a
+  number, a code or a name that exactly one candidate holds (`exact_match`):
+  that one, alone; with a single retriever (no second opinion: dense only, or
+  BM25 only) its best hit, alone, as a rare word or a fact deep in a long
+  message may be all there is.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from reservoir_middleware.context import MemoryUnit
 from reservoir_middleware.memory._selection import Hit
+from reservoir_middleware.memory.keywords import WORD, terms
 from reservoir_middleware.records import MessageRecord
 
 
@@ -105,3 +109,29 @@ def _unit(unit: MemoryUnit, records: list[MessageRecord]) -> MemoryUnit:
     it (truncation injects a unit's other messages only after its hit)."""
     hit = unit.hit_id if any(r.id == unit.hit_id for r in records) else records[0].id
     return replace(unit, records=records, hit_id=hit)
+
+
+def identifiers(question: str) -> set[str]:
+    """The question's words a dense model reads poorly and a person means
+    exactly: numbers and codes (a word with a digit) and names (a capitalised
+    word, not the question's first), as BM25 keys them."""
+    found = set()
+    for index, raw in enumerate(WORD.findall(question)):
+        if any(ch.isdigit() for ch in raw) or (index > 0 and raw[:1].isupper()):
+            found.update(terms(raw))
+    return found
+
+
+def exact_match(question: str, hits: Sequence[Hit]) -> Hit | None:
+    """Among resolved hits, the best one holding one of the question's
+    identifiers that no other hit holds: "what does 88213407 refer to?" is
+    about the one message that says 88213407, however low its similarity."""
+    wanted = identifiers(question)
+    if not wanted:
+        return None
+    held = [wanted & set(terms(h.record.text)) for h in hits]
+    counts = Counter(t for found in held for t in found)
+    for hit, found in zip(hits, held, strict=True):
+        if any(counts[t] == 1 for t in found):
+            return hit
+    return None

@@ -37,6 +37,7 @@ from reservoir_middleware.memory._relevance import (
     ALL,
     Relevance,
     best_similarity,
+    exact_match,
     relevance,
     single_retriever,
     trimmed,
@@ -374,7 +375,11 @@ class _Enriching:
         )
         if gate.alone:
             return fused[:1], gate
-        return (fused if gate.cap != 0 else []), gate
+        if gate.cap == 0:  # unrelated, unless it names what one message holds exactly
+            top = await self.path.resolve(fused[: s.semantic_candidates])
+            match = exact_match(query.text, top)
+            return ([match], Relevance(alone=True)) if match is not None else ([], gate)
+        return fused, gate
 
 
 def _best_stored(store: MemoryStore, query: RetrievalQuery) -> float | None:
