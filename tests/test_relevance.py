@@ -108,3 +108,17 @@ async def test_a_loosely_related_question_gets_a_few_short_messages(tmp_path: Pa
     assert LONG_ANSWER in [m.text for m in full.semantic.messages]
     assert len(full.semantic.messages) > 6
     await engine.close()
+
+
+async def test_a_code_or_name_only_one_message_holds_still_comes_through(
+    baking: Reservoir,
+) -> None:
+    receipt = "The oven repair invoice number is 88213407, paid on the spot."
+    await baking.add("p", "i", [{"role": "user", "content": receipt}])
+    coded = await baking.enrich("p", "i", chat("What was 88213407 about?"), store=False)
+    best = (await baking.search("p", "i", "What was 88213407 about?", limit=1))[0].score
+    assert best < baking.settings.relevance_floor  # the dense model reads the code poorly
+    assert [m.text for m in coded.semantic.messages] == [receipt]  # alone, not the budget
+    # a name nothing stored holds: still nothing
+    named = await baking.enrich("p", "i", chat("How is Theodora doing in Vienna?"), store=False)
+    assert named.semantic.messages == []
