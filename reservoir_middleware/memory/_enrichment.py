@@ -6,8 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from reservoir_middleware.context import SectionReport
+from reservoir_middleware.context import (
+    ContextPlan,
+    InjectedMessage,
+    SectionReport,
+    TokenBudget,
+    line_tokens,
+)
 from reservoir_middleware.memory._lane import WriteJob
+from reservoir_middleware.memory.tokens import count_text
 from reservoir_middleware.plugins import PluginFailure
 from reservoir_middleware.records import MessageRecord, Scope
 from reservoir_middleware.settings import MemoryMode
@@ -62,3 +69,27 @@ class Enrichment:
     @property
     def degraded(self) -> bool:
         return bool(self.failures)
+
+
+def render_and_report(
+    plan: ContextPlan, budget: TokenBudget
+) -> tuple[list[dict[str, Any]], SectionReport, SectionReport, int]:
+    """The request's messages as sent, what each section injected (a line's
+    tokens each), and the exact tokens of this turn's block."""
+    sims = {u.hit_id: u.similarity for u in plan.semantic}
+    instance = plan.instance
+    semantic = SectionReport(
+        [
+            InjectedMessage(r.id, r.role, r.text, line_tokens(r, instance, budget), sims.get(r.id))
+            for unit in plan.semantic
+            for r in unit.records
+        ]
+    )
+    recent = SectionReport(
+        [
+            InjectedMessage(r.id, r.role, r.text, line_tokens(r, instance, budget))
+            for r in plan.recent
+        ]
+    )
+    block = plan.block()
+    return plan.render(), semantic, recent, count_text(block + "\n\n", budget.model) if block else 0

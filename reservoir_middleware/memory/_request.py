@@ -21,18 +21,15 @@ import anyio.to_thread
 from reservoir_middleware._logs import current_trace
 from reservoir_middleware.context import (
     ContextPlan,
-    InjectedMessage,
     RetrievalQuery,
-    SectionReport,
     TokenBudget,
     attach,
     chronological,
-    line_tokens,
 )
 from reservoir_middleware.memory._blocks import FOLLOWUP_SHARE, Carried, carried_blocks, encode
 from reservoir_middleware.memory._chat import ChatRequest
 from reservoir_middleware.memory._deletions import Deletions
-from reservoir_middleware.memory._enrichment import Enrichment, TooLong
+from reservoir_middleware.memory._enrichment import Enrichment, TooLong, render_and_report
 from reservoir_middleware.memory._relevance import (
     ALL,
     Relevance,
@@ -252,7 +249,7 @@ class _Enriching:
             result.semantic,
             result.recent,
             result.memory_tokens,
-        ) = await anyio.to_thread.run_sync(_render_and_report, plan, budget)
+        ) = await anyio.to_thread.run_sync(render_and_report, plan, budget)
         if result.semantic.messages or result.recent.messages or rendered != request.messages:
             result.body = {**request.body, "messages": rendered}
             result.changed = True
@@ -397,25 +394,3 @@ async def _count(message: Mapping[str, Any], model: str | None) -> int:
     if len(content_text(message.get("content"))) < 2000:
         return count_message(dict(message), model)
     return await anyio.to_thread.run_sync(count_message, dict(message), model)
-
-
-def _render_and_report(
-    plan: ContextPlan, budget: TokenBudget
-) -> tuple[list[dict[str, Any]], SectionReport, SectionReport, int]:
-    sims = {u.hit_id: u.similarity for u in plan.semantic}
-    instance = plan.instance
-    semantic = SectionReport(
-        [
-            InjectedMessage(r.id, r.role, r.text, line_tokens(r, instance, budget), sims.get(r.id))
-            for unit in plan.semantic
-            for r in unit.records
-        ]
-    )
-    recent = SectionReport(
-        [
-            InjectedMessage(r.id, r.role, r.text, line_tokens(r, instance, budget))
-            for r in plan.recent
-        ]
-    )
-    block = plan.block()
-    return plan.render(), semantic, recent, count_text(block + "\n\n", budget.model) if block else 0
