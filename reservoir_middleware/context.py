@@ -118,12 +118,12 @@ class ContextPlan:
     """The request's instance: memory of another one (`semantic_scope="partition"`)
     is quoted with its origin (`memory_line`), never as its own turns."""
 
-    def render(self) -> list[dict[str, Any]]:
+    def render(self, block: str | None = None) -> list[dict[str, Any]]:
         """The messages list: system, then the client's turns, the last user
-        message with this turn's memory block in front of its text."""
+        message with this turn's memory block in front of its text (`block`:
+        `self.block()`, when the caller has it already)."""
         system = merged_system(self.system) if self.merge_system else list(self.system)
-        block = self.block()
-        return system + with_block(self.conversation, block)
+        return system + with_block(self.conversation, self.block() if block is None else block)
 
     def block(self) -> str:
         semantic = [r for unit in chronological(self.semantic) for r in unit.records]

@@ -45,17 +45,22 @@ def key(stored: str, layout: str) -> str:
     return rf"^\|\s+{stored}\s+\|\s+{layout}\s+\|"
 
 
-@pytest.mark.timeout(400)
-def test_overhead_benchmark_quick_run() -> None:
+def overhead(*args: str) -> str:
+    """`bench/overhead.py --quick` with these arguments: its report (it must succeed)."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "overhead.py"), "--quick"],
+        [sys.executable, str(ROOT / "bench" / "overhead.py"), "--quick", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    out = done.stdout
+    return done.stdout
+
+
+@pytest.mark.timeout(400)
+def test_overhead_benchmark_quick_run() -> None:
+    out = overhead()
 
     latency = rows(
         out,
@@ -102,19 +107,10 @@ def test_overhead_benchmark_quick_run() -> None:
 def test_overhead_benchmark_rows_with_long_messages(tmp_path: Path) -> None:
     """`--texts lme`: rows whose stored messages are long answers, generated when
     the LongMemEval split is not there; `--cheap-vectors` is said in the report."""
-    done = subprocess.run(
-        [
-            *(sys.executable, str(ROOT / "bench" / "overhead.py"), "--quick"),
-            *("--stored", "200", "--scopes", "1", "--texts", "short,lme", "--cheap-vectors"),
-            *("--lme-dataset", str(tmp_path / "absent"), "--concurrency", "1"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = overhead(
+        *("--stored", "200", "--scopes", "1", "--texts", "short,lme", "--cheap-vectors"),
+        *("--lme-dataset", str(tmp_path / "absent"), "--concurrency", "1"),
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = done.stdout
     latency = rows(out, "| stored | layout | bare p50 |")
     layouts = [("200", "1 scope"), ("200", "1 scope, LME-like")]
     assert len(latency) == len(layouts), out

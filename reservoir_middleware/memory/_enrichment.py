@@ -59,8 +59,8 @@ class Enrichment:
     failures: list[PluginFailure] = field(default_factory=list)
     changed: bool = False
     records: list[MessageRecord] = field(default_factory=list)
-    memory_tokens: int = 0
-    """Tokens of this turn's memory block as sent: its lines, dates, notes and frame."""
+    block: str = ""
+    """This turn's memory block as sent ("": none)."""
     carried_tokens: int = 0
     """Tokens of the blocks earlier turns' user messages carry again (a cached prefix)."""
     memory_mode: MemoryMode = "on"  # what memory did: `read`/`off` store nothing
@@ -70,12 +70,18 @@ class Enrichment:
     def degraded(self) -> bool:
         return bool(self.failures)
 
+    @property
+    def memory_tokens(self) -> int:
+        """Tokens of this turn's block: its lines, dates, notes and frame (counted
+        when asked, not on the request path)."""
+        return count_text(self.block + "\n\n", self._pending.model) if self.block else 0
+
 
 def render_and_report(
     plan: ContextPlan, budget: TokenBudget
-) -> tuple[list[dict[str, Any]], SectionReport, SectionReport, int]:
+) -> tuple[list[dict[str, Any]], SectionReport, SectionReport, str]:
     """The request's messages as sent, what each section injected (a line's
-    tokens each), and the exact tokens of this turn's block."""
+    tokens each), and this turn's block."""
     sims = {u.hit_id: u.similarity for u in plan.semantic}
     instance = plan.instance
     semantic = SectionReport(
@@ -92,4 +98,4 @@ def render_and_report(
         ]
     )
     block = plan.block()
-    return plan.render(), semantic, recent, count_text(block + "\n\n", budget.model) if block else 0
+    return plan.render(block), semantic, recent, block

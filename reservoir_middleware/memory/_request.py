@@ -51,7 +51,6 @@ from reservoir_middleware.memory.tokens import (
     REPLY_PRIMING,
     ModelLimits,
     count_message,
-    count_text,
 )
 from reservoir_middleware.plugins import Hooks, PluginFailure
 from reservoir_middleware.records import MessageRecord, Scope, content_text
@@ -248,16 +247,13 @@ class _Enriching:
             rendered,
             result.semantic,
             result.recent,
-            result.memory_tokens,
+            result.block,
         ) = await anyio.to_thread.run_sync(render_and_report, plan, budget)
         if result.semantic.messages or result.recent.messages or rendered != request.messages:
             result.body = {**request.body, "messages": rendered}
             result.changed = True
         result.carried_tokens = sum(budget.block_tokens(t) for t in carried.texts.values())
-        pending.blocks = [
-            *carried.texts.values(),
-            *([plan.block()] if result.memory_tokens else []),
-        ]
+        pending.blocks = [*carried.texts.values(), *([result.block] if result.block else [])]
         result.records = self._with_block(plan, carried)
         pending.known = {text: embedding} if embedding is not None else {}
         return result
@@ -341,7 +337,8 @@ class _Enriching:
             excluded=excluded,
             paired=s.semantic_context_size if fill else None,
         )
-        units = trimmed(units, gate, lambda r: count_text(r.text))
+        count = memoised_text_counter(request.model)  # stored texts: counted once
+        units = trimmed(units, gate, lambda r: count(r.text))
         return ContextPlan(
             system=request.messages[:lead],
             semantic=units,
